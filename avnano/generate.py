@@ -1,0 +1,153 @@
+"""Sampling from the decoder with a KV cache: prefill once, then one token per step.
+
+Greedy, temperature, top-k and top-p (nucleus, Holtzman et al. 2020) sampling with a seeded
+torch.Generator, and beam search with the GNMT length penalty lp(Y) = (5 + |Y|)^a / 6^a (Wu et al.
+2016; AVCap decodes with 4 beams, a = 0.6). Batches are left-padded so every sequence's newest token
+sits in the same cache slot; padding is masked out of attention and positions count real tokens
+only. Prompts are token ids or embeddings (the AV model's prefix), optionally with their own
+positions and prefill mask (time-aligned ids, the AVCap prefix mask). Each sequence stops at its own
+EOS; the returned ids keep the first EOS and fill the rest with `pad_id`.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import masks
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy (argmax)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _prefill(model, input_ids, inputs_embeds, attention_mask, positions, prefill_mask, max_new_tokens):
+    """Run the prompt through the model once; returns (cache, last logits, key-valid table, next positions)."""
+    x = input_ids if inputs_embeds is None else inputs_embeds
+    B, T = x.shape[:2]
+    valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+    if positions is None:  # count real tokens only, so a left-padded prompt starts at position 0
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    mask = prefill_mask
+    if mask is None and not valid.all():
+        mask = masks.causal(T, x.device)
+    if mask is not None:
+        mask = masks.for_sdpa(mask & masks.key_padding(valid))
+    dtype = model.embed.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+    cache = model.new_cache(B, T + max_new_tokens, dtype)
+    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions, mask=mask,
+                   cache=cache, last_only=True)[:, -1]
+    valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)
+    next_pos = positions.masked_fill(~valid[:, :T], -1).max(-1).values + 1
+    return cache, logits, valid, next_pos
+
+
+def _step(model, ids, cache, valid, pos):
+    """Feed one new token per row; returns its logits (B, V)."""
+    S = cache.pos + 1
+    mask = None if valid[:, :S].all() else masks.for_sdpa(masks.key_padding(valid[:, :S]))
+    return model(input_ids=ids[:, None], positions=pos[:, None], mask=mask, cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None,
+             prefill_mask=None, max_new_tokens=64, eos_ids=(), pad_id=0, temperature=0.0, top_k=0,
+             top_p=1.0, generator=None, num_beams=1, length_penalty=0.6, on_token=None):
+    """Returns new ids (B, N), N <= max_new_tokens. on_token(ids (B,)) is called after every step
+    (streaming). num_beams > 1 switches to beam search (deterministic; sampling flags ignored)."""
+    if num_beams > 1:
+        return beam_search(model, input_ids, inputs_embeds, attention_mask, positions, prefill_mask,
+                           max_new_tokens, eos_ids, pad_id, num_beams, length_penalty)
+    cache, logits, valid, pos = _prefill(model, input_ids, inputs_embeds, attention_mask, positions,
+                                         prefill_mask, max_new_tokens)
+    eos = torch.tensor(list(eos_ids), device=logits.device, dtype=torch.long)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    out = []
+    for t in range(max_new_tokens):
+        sampled = sample_next(logits, temperature, top_k, top_p, generator)
+        ids = sampled.masked_fill(done, pad_id)  # finished rows emit pad (but feed a real token on)
+        out.append(ids)
+        if on_token is not None:
+            on_token(ids)
+        done = done | torch.isin(ids, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits = _step(model, sampled, cache, valid, pos)
+        pos = pos + 1
+    return torch.stack(out, dim=1)
+
+
+def length_penalty_gnmt(length, alpha):
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(model, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None,
+                prefill_mask=None, max_new_tokens=64, eos_ids=(), pad_id=0, num_beams=4, length_penalty=0.6):
+    """Beam search over summed log-probs; finished hypotheses are ranked by score / lp(|Y|), |Y|
+    counting the EOS. A batch row stops once it holds `num_beams` finished hypotheses and its best
+    live beam, normalised at the current length, cannot beat the worst of them (the usual heuristic)."""
+    W = num_beams
+    cache, logits, valid, pos = _prefill(model, input_ids, inputs_embeds, attention_mask, positions,
+                                         prefill_mask, max_new_tokens)
+    B, V = logits.shape
+    rows = torch.arange(B, device=logits.device).repeat_interleave(W)
+    cache.reorder(rows)
+    valid, pos, logits = valid[rows], pos[rows], logits[rows]
+    scores = torch.full((B, W), float("-inf"), device=logits.device)
+    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand at step 1
+    seqs = torch.zeros(B * W, 0, dtype=torch.long, device=logits.device)
+    finished = [[] for _ in range(B)]  # (normalised score, token list)
+    closed = [False] * B
+    eos = set(eos_ids)
+    for t in range(max_new_tokens):
+        cand = (scores.view(-1, 1) + F.log_softmax(logits.float(), -1)).view(B, W * V)
+        top_scores, top_idx = cand.topk(2 * W, dim=-1)
+        new_scores = torch.full((B, W), float("-inf"), device=logits.device)
+        src = torch.zeros(B, W, dtype=torch.long, device=logits.device)
+        tok = torch.full((B, W), pad_id, dtype=torch.long, device=logits.device)
+        for b in range(B):
+            if closed[b]:
+                continue
+            k = 0
+            for s, i in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                beam, token = divmod(i, V)
+                if token in eos:
+                    hyp = seqs[b * W + beam].tolist() + [token]
+                    finished[b].append((s / length_penalty_gnmt(len(hyp), length_penalty), hyp))
+                    continue
+                new_scores[b, k], src[b, k], tok[b, k] = s, beam, token
+                k += 1
+                if k == W:
+                    break
+            finished[b] = sorted(finished[b], reverse=True)[:W]
+            best_live = new_scores[b, 0].item() / length_penalty_gnmt(t + 1, length_penalty)
+            if len(finished[b]) == W and best_live <= finished[b][-1][0]:
+                closed[b] = True
+        flat = (torch.arange(B, device=logits.device)[:, None] * W + src).view(-1)
+        seqs = torch.cat([seqs[flat], tok.view(-1, 1)], dim=1)
+        scores = new_scores
+        if all(closed) or t == max_new_tokens - 1:
+            break
+        cache.reorder(flat)
+        logits = _step(model, tok.view(-1), cache, valid, pos)
+        pos = pos + 1
+    results = []
+    for b in range(B):
+        pool = list(finished[b])
+        if not closed[b]:  # ran out of steps: live beams compete too
+            pool += [(scores[b, w].item() / length_penalty_gnmt(seqs.shape[1], length_penalty), seqs[b * W + w].tolist())
+                     for w in range(W) if scores[b, w] > float("-inf")]
+        results.append(max(pool)[1])
+    N = max(len(r) for r in results)
+    return torch.tensor([r + [pad_id] * (N - len(r)) for r in results], device=logits.device)

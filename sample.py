@@ -1,0 +1,74 @@
+"""Sample from avnano: text from a released LLM checkpoint (--llm), streamed token by token.
+
+    python sample.py --llm path/to/SmolLM2-135M-Instruct --prompt "What is a knock?"
+"""
+import argparse
+import sys
+
+import torch
+
+from avnano.generate import generate
+from avnano.tokenizer import Tokenizer
+from avnano.weights import load_decoder
+
+
+def sampling_args(p):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; >0 samples from softmax(logits/T)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with this mass")
+    g.add_argument("--num-beams", type=int, default=1, help=">1: beam search with the GNMT length penalty")
+    g.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search (AVCap: 0.6)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+
+
+def sampling_kwargs(args, device):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                generator=torch.Generator(device).manual_seed(args.seed))
+
+
+class Streamer:
+    """Prints the decoded text as it grows, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tok, eos_ids):
+        self.tok, self.eos, self.ids, self.shown = tok, set(eos_ids), [], ""
+
+    def __call__(self, ids):
+        token = int(ids[0])
+        if token in self.eos or self.eos & set(self.ids):
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", required=True, help="directory with config.json, model.safetensors(.index.json), tokenizer.json")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="optional system message (none is added by default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    sampling_args(p)
+    args = p.parse_args()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype,
+                                                                      torch.bfloat16 if args.device == "cuda" else torch.float32)
+    model = load_decoder(args.llm, dtype=dtype, device=args.device)
+    tok = Tokenizer.from_file(args.llm)
+    msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    ids, _ = tok.render(msgs) if tok.chat else (tok.encode(args.prompt), None)
+    stream = Streamer(tok, tok.eos_ids)
+    out = generate(model, torch.tensor([ids], device=args.device), eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                   on_token=stream if args.num_beams == 1 else None, **sampling_kwargs(args, args.device))
+    if args.num_beams > 1:
+        print(tok.decode([t for t in out[0].tolist() if t not in tok.eos_ids and t != tok.pad_id]), end="")
+    print()
+
+
+if __name__ == "__main__":
+    main()
