@@ -169,3 +169,95 @@ def save_decoder(model: Decoder, path):
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
         "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu"}, os.path.join(path, "config.json"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision towers: SiglipVisionModel / SiglipModel, CLIPVisionModel / CLIPModel
+
+TEXT_TOWER_PREFIXES = ("text_model.", "logit_scale", "logit_bias", "visual_projection.", "text_projection.")
+VIT_ACT = {"siglip": "gelu_pytorch_tanh", "clip": "quick_gelu"}
+
+
+def vit_config_from_hf(hf, source="config.json", merge=1):
+    from .vit import ViTConfig
+    family = "siglip" if hf.get("model_type", "").startswith("siglip") else "clip" if hf.get("model_type", "").startswith("clip") else None
+    if family is None:
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is neither a SigLIP nor a CLIP vision model")
+    v = hf.get("vision_config", hf)
+    act = v.get("hidden_act", VIT_ACT[family])
+    if act != VIT_ACT[family]:
+        raise ValueError(f"{source}: hidden_act {act!r} differs from {family}'s {VIT_ACT[family]!r}; not supported")
+    return ViTConfig(family=family, image_size=v["image_size"], patch_size=v["patch_size"], dim=v["hidden_size"],
+                     n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"], hidden_dim=v["intermediate_size"],
+                     map_head=family == "siglip" and v.get("vision_use_head", True), merge=merge)
+
+
+def vit_keymap(cfg, prefix=""):
+    from .transformer import block_keymap
+    p = prefix
+    m = {p + "embeddings.patch_embedding.weight": "patch_embed.weight",
+         p + "embeddings.position_embedding.weight": "pos_embed",
+         p + "post_layernorm.weight": "post_norm.weight", p + "post_layernorm.bias": "post_norm.bias"}
+    if cfg.family == "siglip":
+        m[p + "embeddings.patch_embedding.bias"] = "patch_embed.bias"
+    else:
+        m[p + "embeddings.class_embedding"] = "cls"
+        m[p + "pre_layrnorm.weight"], m[p + "pre_layrnorm.bias"] = "pre_norm.weight", "pre_norm.bias"
+    for i in range(cfg.n_layers):
+        m.update(block_keymap(f"{p}encoder.layers.{i}.", f"blocks.{i}.", ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")))
+    if cfg.map_head:
+        h = p + "head."
+        m.update({h + "probe": "head.probe", h + "attention.in_proj_weight": "head.in_proj.weight",
+                  h + "attention.in_proj_bias": "head.in_proj.bias"})
+        for hf, ours in (("attention.out_proj", "out_proj"), ("layernorm", "norm"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+            m[f"{h}{hf}.weight"], m[f"{h}{hf}.bias"] = f"head.{ours}.weight", f"head.{ours}.bias"
+    return m
+
+
+def load_vit(path, dtype=torch.float32, merge=1):
+    """A released SigLIP / CLIP directory (vision tower alone or the full two-tower model) -> ViT."""
+    from .vit import ViT
+    cfg = vit_config_from_hf(read_config(path), os.path.join(path, "config.json"), merge)
+    state = read_safetensors(path)
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+    model = ViT(cfg)
+    load_mapped(model, state, vit_keymap(cfg, prefix), path, skip=lambda k: k.startswith(TEXT_TOWER_PREFIXES))
+    return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whisper encoder: WhisperForConditionalGeneration ("model.encoder.*") or WhisperModel ("encoder.*")
+
+WHISPER_DECODER_PREFIXES = ("model.decoder.", "decoder.", "proj_out.")
+
+
+def audio_config_from_hf(hf, source="config.json", exact=True):
+    from .audio import AudioConfig
+    if hf.get("model_type") != "whisper":
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a Whisper model")
+    return AudioConfig(n_mels=hf["num_mel_bins"], dim=hf["d_model"], n_layers=hf["encoder_layers"],
+                       n_heads=hf["encoder_attention_heads"], hidden_dim=hf["encoder_ffn_dim"],
+                       max_positions=hf["max_source_positions"], exact=exact)
+
+
+def audio_keymap(cfg, prefix="model.encoder."):
+    from .transformer import block_keymap
+    p = prefix
+    m = {p + "embed_positions.weight": "pos_embed", p + "layer_norm.weight": "norm.weight", p + "layer_norm.bias": "norm.bias"}
+    for conv in ("conv1", "conv2"):
+        m[f"{p}{conv}.weight"], m[f"{p}{conv}.bias"] = f"{conv}.weight", f"{conv}.bias"
+    for i in range(cfg.n_layers):
+        m.update(block_keymap(f"{p}layers.{i}.", f"blocks.{i}.", ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"),
+                              k_bias=False))
+    return m
+
+
+def load_audio_encoder(path, dtype=torch.float32, exact=True):
+    """The encoder half of a released Whisper checkpoint -> AudioEncoder (the decoder half is skipped by name)."""
+    from .audio import AudioEncoder
+    cfg = audio_config_from_hf(read_config(path), os.path.join(path, "config.json"), exact)
+    state = read_safetensors(path)
+    prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in state)), "")
+    model = AudioEncoder(cfg)
+    load_mapped(model, state, audio_keymap(cfg, prefix), path, skip=lambda k: k.startswith(WHISPER_DECODER_PREFIXES))
+    return model.to(dtype).eval()

@@ -1,0 +1,128 @@
+"""Whisper's log-mel front end and audio encoder (Radford et al. 2022, "Robust Speech Recognition via
+Large-Scale Weak Supervision"), in torch, with the slaney mel filterbank computed in code.
+
+Front end (as transformers' WhisperFeatureExtractor): 16 kHz mono, 400-point STFT (25 ms Hann window)
+every 160 samples (10 ms), last STFT frame dropped, power spectrum, slaney-normalised mel filters
+(80 or 128 bins, 0-8 kHz), log10 clamped at 1e-10, floored at max - 8, then (x + 4) / 4.
+Encoder: conv(k3, s1) -> GELU -> conv(k3, s2) -> GELU -> + stored positions -> pre-LN blocks (exact
+GELU, k_proj without bias) -> final LayerNorm; the stride-2 conv halves 100 mel frames/s to 50 tokens/s.
+Two modes:
+- exact: pad / trim to 30 s (3000 mel frames, 1500 tokens), what released Whisper weights expect;
+- native: no padding; the position table is sliced to the clip's length. Cheaper for short clips and
+  what the toy world uses. Departure: released Whisper never saw unpadded input, so its features
+  differ from exact mode's near the end of the clip (and the max-8 floor sees only the clip).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .transformer import EncoderBlock
+
+SAMPLE_RATE = 16000
+N_FFT = 400                                  # 25 ms window
+HOP = 160                                    # 10 ms hop
+CHUNK_SECONDS = 30
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE      # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP                  # 3000 mel frames in a 30 s window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP       # 100 mel frames per second
+TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2   # 50 encoder tokens per second (conv2 has stride 2)
+
+
+def hz_to_mel(f):
+    """Slaney scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above (27 mels per factor 6.4)."""
+    f = np.asarray(f, dtype=np.float64)
+    mel = 3.0 * f / 200.0
+    log_region = f >= 1000.0
+    return np.where(log_region, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * 27.0 / np.log(6.4), mel)
+
+
+def mel_to_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    f = 200.0 * m / 3.0
+    return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), f)
+
+
+def mel_filters(n_mels=80, n_fft=N_FFT, sample_rate=SAMPLE_RATE, f_max=8000.0):
+    """Triangular filters on the slaney mel scale, slaney-normalised (area ~1): (n_fft//2 + 1, n_mels)."""
+    fft_freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(f_max), n_mels + 2))
+    widths = np.diff(edges)
+    slopes = edges[None, :] - fft_freqs[:, None]
+    down = -slopes[:, :-2] / widths[:-1]
+    up = slopes[:, 2:] / widths[1:]
+    filters = np.maximum(0.0, np.minimum(down, up))
+    return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))
+
+
+def log_mel(audio, n_mels=80, exact=True):
+    """audio: float (samples,) or (B, samples) at 16 kHz -> (B, n_mels, frames).
+    exact=True pads / trims to 30 s first (3000 frames); otherwise frames = samples // HOP."""
+    audio = torch.as_tensor(audio, dtype=torch.float32)
+    if audio.dim() == 1:
+        audio = audio[None]
+    if exact:
+        audio = F.pad(audio, (0, max(0, N_SAMPLES - audio.shape[-1])))[:, :N_SAMPLES]
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP, window=window, return_complex=True)  # centre + reflect padding
+    power = stft[..., :-1].abs() ** 2
+    filters = torch.from_numpy(mel_filters(n_mels)).to(audio.device, torch.float32)
+    mel = filters.T @ power
+    log_spec = mel.clamp(min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+@dataclass
+class AudioConfig:
+    n_mels: int = 80
+    dim: int = 384
+    n_layers: int = 4
+    n_heads: int = 6
+    hidden_dim: int = 1536
+    max_positions: int = 1500    # encoder tokens (30 s at 50 tokens/s)
+    exact: bool = False          # True: pad/trim to 30 s as released Whisper expects
+
+    @property
+    def max_seconds(self):
+        return self.max_positions / TOKENS_PER_SECOND
+
+
+def sinusoids(length, channels, max_timescale=10000):
+    """Whisper's sinusoidal table (only used to initialise a fresh encoder; released ones are loaded)."""
+    inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None]
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv1d(cfg.n_mels, cfg.dim, 3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, 3, stride=2, padding=1)
+        self.pos_embed = nn.Parameter(sinusoids(cfg.max_positions, cfg.dim))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.dim, cfg.n_heads, cfg.hidden_dim, "gelu", 1e-5, k_bias=False)
+                                    for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-5)
+
+    def forward(self, mel, mask=None):
+        """mel (B, n_mels, frames) -> (B, ceil(frames / 2), dim). mask: optional key mask for padded batches."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        T = x.shape[1]
+        if T > self.cfg.max_positions:
+            raise ValueError(f"audio of {T} encoder tokens exceeds the position table ({self.cfg.max_positions}); "
+                             "cut it into segments of at most max_seconds")
+        x = x + self.pos_embed[:T]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def encode(self, audio):
+        """Waveform(s) at 16 kHz -> encoder tokens, in this config's mode (exact or native)."""
+        return self.forward(log_mel(audio, self.cfg.n_mels, self.cfg.exact).to(self.conv1.weight.dtype))

@@ -1,0 +1,140 @@
+"""ViT (SigLIP / CLIP) and Whisper encoder + log-mel parity with transformers on tiny random checkpoints."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from avnano.audio import log_mel, mel_filters
+from avnano.weights import load_audio_encoder, load_vit
+
+transformers = pytest.importorskip("transformers")
+
+VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def randomise(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def vit_reference(kind, full):
+    """(saved model, callable pixel_values -> (last_hidden_state, pooled)) for the four layouts."""
+    if kind == "siglip":
+        vc = transformers.SiglipVisionConfig(**VIT, attn_implementation="sdpa")
+        if full:
+            tc = transformers.SiglipTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, max_position_embeddings=16, pad_token_id=0,
+                                               bos_token_id=1, eos_token_id=2)
+            m = transformers.SiglipModel(transformers.SiglipConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(),
+                                                                   attn_implementation="sdpa"))
+            tower = lambda x: m.vision_model(pixel_values=x)
+        else:
+            m = transformers.SiglipVisionModel(vc)
+            tower = lambda x: m(pixel_values=x)
+    else:
+        vc = transformers.CLIPVisionConfig(**VIT, projection_dim=16, attn_implementation="sdpa")
+        if full:
+            tc = transformers.CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, max_position_embeddings=16, projection_dim=16,
+                                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+            m = transformers.CLIPModel(transformers.CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(),
+                                                               projection_dim=16, attn_implementation="sdpa"))
+            tower = lambda x: m.vision_model(pixel_values=x)
+        else:
+            m = transformers.CLIPVisionModel(vc)
+            tower = lambda x: m(pixel_values=x)
+    randomise(m)
+    return m, lambda x: (lambda o: (o.last_hidden_state, o.pooler_output))(tower(x))
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+@pytest.mark.parametrize("full", [False, True], ids=["tower", "full-model"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_vit_matches_transformers(tmp_path, kind, full, dtype, tol):
+    m, ref = vit_reference(kind, full)
+    m.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert any(k.startswith("vision_model.") for k in keys) == full  # both key layouts really exercised
+    ours = load_vit(str(tmp_path), dtype=dtype)
+    m.to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_hidden, ref_pooled = ref(x)
+        hidden, pooled = ours(x)
+    assert (hidden - ref_hidden).abs().max() <= tol
+    assert (pooled - ref_pooled).abs().max() <= tol  # SigLIP: MAP head; CLIP: post-normed class token
+    tokens = ours.patch_tokens(x)
+    assert tokens.shape == (2, 16, 32)
+
+
+def test_vit_merge_pools_2x2(tmp_path):
+    m, _ = vit_reference("siglip", False)
+    m.save_pretrained(tmp_path)
+    plain, merged = load_vit(str(tmp_path)), load_vit(str(tmp_path), merge=2)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        t, tm = plain.patch_tokens(x), merged.patch_tokens(x)
+    grid = t.view(1, 4, 4, 32)
+    assert tm.shape == (1, 4, 32)
+    assert torch.allclose(tm[0, 0], grid[0, :2, :2].mean((0, 1)), atol=1e-6)
+    assert torch.allclose(tm[0, 3], grid[0, 2:, 2:].mean((0, 1)), atol=1e-6)
+
+
+def synthetic_audio(seconds=3.0, seed=0):
+    t = np.arange(int(16000 * seconds)) / 16000
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)
+            + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_feature_extractor(n_mels):
+    fe = transformers.WhisperFeatureExtractor(feature_size=n_mels)
+    assert np.abs(mel_filters(n_mels) - fe.mel_filters).max() <= 1e-6
+    audio = synthetic_audio()
+    ref = fe(audio, sampling_rate=16000, return_tensors="pt").input_features
+    ours = log_mel(audio, n_mels, exact=True)
+    assert ours.shape == ref.shape == (1, n_mels, 3000)
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def tiny_whisper():
+    cfg = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                     max_source_positions=50, vocab_size=100, num_mel_bins=80, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, attn_implementation="sdpa")
+    return randomise(transformers.WhisperForConditionalGeneration(cfg))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_whisper_encoder_matches_transformers(tmp_path, dtype, tol):
+    hf = tiny_whisper()
+    hf.save_pretrained(tmp_path)
+    ours = load_audio_encoder(str(tmp_path), dtype=dtype)
+    hf.to(dtype)
+    mel = torch.randn(2, 80, 100, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf.model.encoder(mel).last_hidden_state
+        got = ours(mel)
+    assert got.shape == (2, 50, 32) and (got - ref).abs().max() <= tol
+    # native mode: a shorter clip uses the first rows of the same position table
+    with torch.no_grad():
+        short = ours(mel[:, :, :40])
+    assert short.shape == (2, 20, 32)
+
+
+def test_whisper_loader_names_bad_keys(tmp_path):
+    hf = tiny_whisper()
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.encoder.layers.0.self_attn.k_proj.bias"] = torch.zeros(32)  # Whisper has none
+    del state["model.encoder.layer_norm.bias"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        load_audio_encoder(str(tmp_path))
+    assert "unexpected key model.encoder.layers.0.self_attn.k_proj.bias" in str(e.value)
+    assert "missing key model.encoder.layer_norm.bias" in str(e.value)
+    assert "decoder" not in str(e.value)  # the decoder half is skipped by name, not reported
