@@ -58,14 +58,15 @@ def mel_filters(n_mels=80, n_fft=N_FFT, sample_rate=SAMPLE_RATE, f_max=8000.0):
     return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))
 
 
-def log_mel(audio, n_mels=80, exact=True):
+def log_mel(audio, n_mels=80, exact=True, seconds=CHUNK_SECONDS):
     """audio: float (samples,) or (B, samples) at 16 kHz -> (B, n_mels, frames).
-    exact=True pads / trims to 30 s first (3000 frames); otherwise frames = samples // HOP."""
+    exact=True pads / trims to `seconds` first (Whisper: 30 s, 3000 frames); else frames = samples // HOP."""
     audio = torch.as_tensor(audio, dtype=torch.float32)
     if audio.dim() == 1:
         audio = audio[None]
     if exact:
-        audio = F.pad(audio, (0, max(0, N_SAMPLES - audio.shape[-1])))[:, :N_SAMPLES]
+        n = int(seconds * SAMPLE_RATE)
+        audio = F.pad(audio, (0, max(0, n - audio.shape[-1])))[:, :n]
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP, window=window, return_complex=True)  # centre + reflect padding
     power = stft[..., :-1].abs() ** 2
@@ -125,4 +126,4 @@ class AudioEncoder(nn.Module):
 
     def encode(self, audio):
         """Waveform(s) at 16 kHz -> encoder tokens, in this config's mode (exact or native)."""
-        return self.forward(log_mel(audio, self.cfg.n_mels, self.cfg.exact).to(self.conv1.weight.dtype))
+        return self.forward(log_mel(audio, self.cfg.n_mels, self.cfg.exact, self.cfg.max_seconds).to(self.conv1.weight.dtype))

@@ -1,0 +1,196 @@
+"""Aligners (encoder width -> decoder width), audio segment embeddings, and the four ways to order
+audio and visual tokens into one sequence for the decoder.
+
+Aligners: linear (AVicuna), two-layer MLP with GELU (LLaVA 1.5; video-SALMONN 2's visual aligner) and
+the window-level Q-Former of video-SALMONN 2 (SALMONN's audio aligner): learned queries cross-attend
+to the audio-encoder frames inside each fixed window (0.5 s -> 2 tokens per second by default).
+Interleavers are pure functions of (visual tokens per frame + frame times, audio tokens + their
+times) -> (tokens, times, modality), modality 0 = visual and 1 = audio:
+  concat     [V; A], the baseline every other order is compared against;
+  per_frame  video-SALMONN 2 eqs. 6-8: frame i, then audio slice [l*i/n, l*(i+1)/n) (0-based);
+  avti       AVicuna's Audio-Visual Token Interleaver with an audio-interleaving rate (AIR);
+  chunked    Qwen2.5-Omni / AVoCaDO: 2 s chunks, each chunk's visual tokens then its audio tokens,
+             with time-aligned position ids (ids_per_second ids per second; text continues after).
+Audio token times are the *start* of their window; frame times are the frames' timestamps.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VISUAL, AUDIO = 0, 1
+
+
+class MLPAligner(nn.Sequential):
+    def __init__(self, d_in, d_out):
+        super().__init__(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+def make_aligner(kind, d_in, d_out, **qformer):
+    if kind == "linear":
+        return nn.Linear(d_in, d_out)
+    if kind == "mlp":
+        return MLPAligner(d_in, d_out)
+    if kind == "qformer":
+        return WindowQFormer(d_in, d_out, **qformer)
+    raise ValueError(f"unknown aligner {kind!r} (linear, mlp, qformer)")
+
+
+class WindowQFormer(nn.Module):
+    """video-SALMONN 2 window-level Q-Former (one cross-attention layer; the paper's is a BERT-style
+    Q-Former, simplified here to queries -> cross-attention -> MLP, each pre-LN with a residual).
+    Frames (T, d_in) at `frames_per_second` are cut into windows of `window` seconds; each window
+    yields `n_queries` tokens. Windows = ceil(T / frames_per_window): a partial last window counts,
+    its missing frames masked out. Output (windows * n_queries, d_out)."""
+
+    def __init__(self, d_in, d_out, window=0.5, n_queries=1, frames_per_second=50, n_heads=4):
+        super().__init__()
+        self.window, self.n_queries, self.n_heads = window, n_queries, n_heads
+        self.frames_per_window = max(1, round(window * frames_per_second))
+        self.queries = nn.Parameter(torch.randn(n_queries, d_in) * 0.02)
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(d_in), nn.LayerNorm(d_in), nn.LayerNorm(d_in)
+        self.attn = nn.MultiheadAttention(d_in, n_heads, batch_first=True)
+        self.mlp = MLPAligner(d_in, d_in)
+        self.out = nn.Linear(d_in, d_out)
+
+    def n_windows(self, n_frames):
+        return math.ceil(n_frames / self.frames_per_window)
+
+    def forward(self, x):
+        """x (T, d_in) -> tokens (n_windows * n_queries, d_out), start time of each token (seconds)."""
+        T, D = x.shape
+        W, nw = self.frames_per_window, self.n_windows(T)
+        pad = nw * W - T
+        windows = F.pad(x, (0, 0, 0, pad)).view(nw, W, D)
+        key_pad = torch.zeros(nw, W, dtype=torch.bool, device=x.device)
+        if pad:
+            key_pad[-1, W - pad:] = True  # True = ignore (nn.MultiheadAttention's convention)
+        q = self.queries.expand(nw, -1, -1)
+        kv = self.norm_kv(windows)
+        h = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=key_pad, need_weights=False)[0]
+        h = h + self.mlp(self.norm_mlp(h))
+        times = (torch.arange(nw, device=x.device) * self.window).repeat_interleave(self.n_queries)
+        return self.out(h.reshape(nw * self.n_queries, D)), times.float()
+
+
+class SegmentEmbedding(nn.Module):
+    """video-SALMONN 2: audio longer than the encoder's t_max is cut into segments encoded separately;
+    segment s > 0 adds a learned vector, segment 0 adds zeros (so short clips are unchanged)."""
+
+    def __init__(self, max_segments, dim):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(max_segments, dim))
+
+    def forward(self, x, segment):
+        if segment == 0:
+            return x
+        if segment >= len(self.table):
+            raise ValueError(f"audio segment {segment} exceeds the {len(self.table)} segment embeddings")
+        return x + self.table[segment]
+
+
+def _flat_visual(visual, frame_times):
+    """visual (n, t, D) -> tokens (n*t, D), times (n*t,), owning frame (n*t,)."""
+    n, t = visual.shape[:2]
+    frame = torch.arange(n, device=visual.device).repeat_interleave(t)
+    return visual.reshape(n * t, *visual.shape[2:]), frame_times.to(visual.device).float()[frame], frame
+
+
+def _out(parts, device):
+    """parts: list of (tokens, times, modality int) -> concatenated (tokens, times, modality)."""
+    parts = [p for p in parts if len(p[0])]
+    tokens = torch.cat([p[0] for p in parts])
+    times = torch.cat([p[1] for p in parts])
+    modality = torch.cat([torch.full((len(p[0]),), p[2], dtype=torch.long, device=device) for p in parts])
+    return tokens, times, modality
+
+
+def concat(visual, frame_times, audio, audio_times):
+    """Baseline: every visual token (frame by frame), then every audio token."""
+    v, vt, _ = _flat_visual(visual, frame_times)
+    return _out([(v, vt, VISUAL), (audio, audio_times.float(), AUDIO)], visual.device)
+
+
+def resample_nearest(x, times, n):
+    """Nearest-neighbour resampling of a token sequence (and its times) to exactly n tokens."""
+    if len(x) == n:
+        return x, times
+    idx = (torch.arange(n, device=x.device) * len(x) / max(n, 1)).floor().long().clamp(max=len(x) - 1)
+    return x[idx], times[idx]
+
+
+def per_frame(visual, frame_times, audio, audio_times):
+    """video-SALMONN 2 eqs. 6-8: H = concat_i(V_i, A[l*i/n : l*(i+1)/n]) for frames i = 0..n-1.
+    When l is not a multiple of n the audio is first resampled (nearest) up to n * ceil(l / n)
+    tokens, so every frame gets the same number of audio tokens and none is dropped."""
+    n = visual.shape[0]
+    if n == 0:
+        return _out([(audio, audio_times.float(), AUDIO)], audio.device)
+    l = len(audio)
+    per = math.ceil(l / n)
+    audio, audio_times = resample_nearest(audio, audio_times.float(), per * n)
+    parts = []
+    for i in range(n):
+        parts.append((visual[i], frame_times[i:i + 1].float().expand(visual.shape[1]).to(visual.device), VISUAL))
+        parts.append((audio[i * per:(i + 1) * per], audio_times[i * per:(i + 1) * per], AUDIO))
+    return _out(parts, visual.device)
+
+
+def avti(visual, frame_times, audio, audio_times, air=0.25):
+    """AVicuna's AVTI. With n_v visual tokens the sequence has N = round(n_v / (1 - AIR)) slots, of
+    which n_a = N - n_v (= round(N * AIR) up to rounding) are audio: the audio is resampled (nearest,
+    in time order) to n_a tokens. With k = round(n_v / (n_a + 1)), audio takes slots 0, k+1,
+    2(k+1), ... (every (k+1)-th slot) while audio lasts; visual tokens fill the other slots in order.
+    AIR 0.25 with n_v = 30: N = 40, n_a = 10, k = 3 -> [A V V V] x 10."""
+    v, vt, _ = _flat_visual(visual, frame_times)
+    n_v = len(v)
+    if n_v == 0:  # audio-only clip: nothing to interleave with
+        return _out([(audio, audio_times.float(), AUDIO)], audio.device)
+    N = round(n_v / (1.0 - air))
+    n_a = N - n_v if len(audio) else 0
+    a, at = resample_nearest(audio, audio_times.float(), n_a) if n_a else (audio[:0], audio_times[:0].float())
+    k = round(n_v / (n_a + 1))
+    parts, ia, iv = [], 0, 0
+    for slot in range(n_v + n_a):
+        take_audio = ia < n_a and (slot % (k + 1) == 0 or iv >= n_v)
+        if take_audio:
+            parts.append((a[ia:ia + 1], at[ia:ia + 1], AUDIO))
+            ia += 1
+        else:
+            parts.append((v[iv:iv + 1], vt[iv:iv + 1], VISUAL))
+            iv += 1
+    return _out(parts, visual.device)
+
+
+def chunked(visual, frame_times, audio, audio_times, chunk_seconds=2.0):
+    """Qwen2.5-Omni time-chunked order: for each chunk [c*s, (c+1)*s), the visual tokens of the frames
+    inside it, then the audio tokens inside it. Empty chunks contribute nothing."""
+    v, vt, _ = _flat_visual(visual, frame_times)
+    at = audio_times.float()
+    vc, ac = (vt / chunk_seconds).floor().long(), (at / chunk_seconds).floor().long()
+    last = int(max(vc.max().item() if len(vc) else 0, ac.max().item() if len(ac) else 0))
+    parts = []
+    for c in range(last + 1):
+        parts.append((v[vc == c], vt[vc == c], VISUAL))
+        parts.append((audio[ac == c], at[ac == c], AUDIO))
+    return _out(parts, visual.device if len(v) else audio.device)
+
+
+def time_positions(times, start, ids_per_second=25):
+    """Time-aligned position ids (a 1-D reduction of Qwen2.5-Omni's TMRoPE temporal axis): a token at
+    t seconds gets start + floor(t * ids_per_second); tokens of one instant share an id. Text after
+    the AV block continues from max + 1."""
+    return start + (times * ids_per_second).floor().long()
+
+
+def interleave(kind, visual, frame_times, audio, audio_times, air=0.25, chunk_seconds=2.0):
+    if kind == "concat":
+        return concat(visual, frame_times, audio, audio_times)
+    if kind == "per_frame":
+        return per_frame(visual, frame_times, audio, audio_times)
+    if kind == "avti":
+        return avti(visual, frame_times, audio, audio_times, air)
+    if kind == "chunked":
+        return chunked(visual, frame_times, audio, audio_times, chunk_seconds)
+    raise ValueError(f"unknown interleaver {kind!r} (concat, per_frame, avti, chunked)")

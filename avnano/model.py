@@ -1,0 +1,330 @@
+"""The audio-visual captioner: ViT + audio encoder -> aligners -> interleaver -> decoder, its loss and sampling.
+
+Data flow (DESIGN.md §3): frames -> ViT patch tokens -> visual aligner; 16 kHz audio -> segments of
+at most t_max -> log-mel -> audio encoder -> (+ segment embedding) -> window Q-Former; then an
+interleaver orders both streams into one AV block that replaces the `<|av|>` placeholder of the
+ChatML prompt, and the decoder reads prompt + AV block + caption as `inputs_embeds`.
+Loss = cross-entropy on the caption tokens (optional label smoothing, AVCap eps 0.1) + optional
+lambda * LAVCap OT alignment loss. The attention mask is AVCap's prefix mask M (AV block
+bidirectional, caption causal) or plain causal, a config choice; positions are sequential or
+time-aligned (Qwen2.5-Omni style, see interleave.time_positions).
+Every switch the papers ablate is a config field, so one script can compare them.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from . import lora, masks
+from .audio import SAMPLE_RATE, TOKENS_PER_SECOND, AudioConfig, AudioEncoder, log_mel
+from .decoder import Decoder, DecoderConfig
+from .generate import generate
+from .interleave import AUDIO, SegmentEmbedding, WindowQFormer, interleave, make_aligner, time_positions
+from .ot import ot_fuse, ot_loss
+from .tokenizer import AV, Tokenizer
+from .vit import ViT, ViTConfig, preprocess
+from .weights import save_file_atomic, write_json_atomic
+
+
+@dataclass
+class AVConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    modalities: str = "av"           # "av", "v" (video only) or "a" (audio only)
+    fps: float = 2.0                 # frame rate phi ...
+    max_frames: int = 16             # ... capped at m frames (video-SALMONN 2)
+    visual_aligner: str = "mlp"      # linear | mlp
+    audio_aligner: str = "qformer"   # linear | mlp | qformer
+    window: float = 0.5              # Q-Former window in seconds (2 audio tokens / s)
+    n_queries: int = 1               # Q-Former queries per window
+    max_segments: int = 8            # audio segments of t_max seconds (segment embeddings)
+    interleave: str = "per_frame"    # concat | per_frame | avti | chunked
+    air: float = 0.25                # AVTI audio-interleaving rate
+    chunk_seconds: float = 2.0       # time-chunked interleaving
+    time_positions: bool = False     # time-aligned position ids for the AV block
+    ids_per_second: int = 25
+    mask: str = "prefix"             # prefix (AVCap M) | causal
+    label_smoothing: float = 0.0
+    ot_weight: float = 0.0           # lambda of the LAVCap OT loss (0 = off)
+    ot_fusion: bool = False          # OT-attention fusion before interleaving
+    ot_eps: float = 0.1
+    ot_iters: int = 50
+    lora_r: int = 0                  # > 0 wraps lora_targets of the decoder with LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = (r"attn\.(q|k|v|o)_proj", r"mlp\.(gate|up|down)_proj")
+    prompt: str = "Describe the clip."
+
+    @classmethod
+    def from_dict(cls, d):
+        sub = {"vit": ViTConfig, "audio": AudioConfig, "decoder": DecoderConfig}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AVConfig fields {unknown}")
+        kw = {k: (sub[k](**v) if k in sub else tuple(v) if k == "lora_targets" else v) for k, v in d.items()}
+        return cls(**kw)
+
+
+PRESETS = {
+    # CPU-sized: tests and the toy world on a laptop
+    "tiny": dict(vit=dict(family="siglip", image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=2),
+                 audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=1500),
+                 decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
+    # one-GPU sized
+    "small": dict(vit=dict(family="siglip", image_size=64, patch_size=8, dim=192, n_layers=4, n_heads=6, hidden_dim=768, merge=2),
+                  audio=dict(n_mels=80, dim=192, n_layers=4, n_heads=6, hidden_dim=768, max_positions=1500),
+                  decoder=dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, hidden_dim=1024)),
+}
+
+
+def preset(name, vocab_size, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} (or AVCaptioner.from_released)")
+    p = PRESETS[name]
+    cfg = AVConfig(vit=ViTConfig(**p["vit"]), audio=AudioConfig(**p["audio"]),
+                   decoder=DecoderConfig(vocab_size=vocab_size, **p["decoder"]))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+class AVCaptioner(nn.Module):
+    def __init__(self, cfg: AVConfig, tok: Tokenizer, vit=None, audio=None, decoder=None):
+        super().__init__()
+        self.cfg, self.tok = cfg, tok
+        D = cfg.decoder.dim
+        self.vit = vit or ViT(cfg.vit)
+        self.audio = audio or AudioEncoder(cfg.audio)
+        self.decoder = decoder or Decoder(cfg.decoder)
+        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.dim, D)
+        self.audio_aligner = make_aligner(cfg.audio_aligner, cfg.audio.dim, D, window=cfg.window,
+                                          n_queries=cfg.n_queries, frames_per_second=TOKENS_PER_SECOND) \
+            if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
+        self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
+        if cfg.lora_r > 0:
+            lora.inject(self.decoder, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        self.av_id = tok.token_id(AV)
+
+    # ----------------------------------------------------------------------------------- encoders
+    def encode_visual(self, frames_list):
+        """[uint8 (n_i, H, W, 3)] -> [(n_i, tokens_per_frame, D)] through the ViT and the aligner."""
+        counts = [len(f) for f in frames_list]
+        if sum(counts) == 0 or "v" not in self.cfg.modalities:
+            return [torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device) for _ in counts]
+        pixels = preprocess(torch.cat([f for f in frames_list if len(f)]).to(self.device), self.cfg.vit)
+        tokens = self.visual_aligner(self.vit.patch_tokens(pixels.to(self.dtype)))
+        return list(tokens.split(counts))
+
+    def encode_audio(self, audio_list):
+        """[float (samples_i,)] at 16 kHz -> [(tokens (l_i, D), start times (l_i,))]. Audio longer than
+        the encoder's t_max is cut into segments, encoded in one padded batch, each segment trimmed to
+        its own length, offset in time and given its segment embedding."""
+        D = self.cfg.decoder.dim
+        if "a" not in self.cfg.modalities:
+            return [(torch.zeros(0, D, device=self.device), torch.zeros(0, device=self.device)) for _ in audio_list]
+        seg_samples = int(self.cfg.audio.max_seconds * SAMPLE_RATE)
+        pieces = []  # (clip, segment, waveform)
+        for c, wav in enumerate(audio_list):
+            for s, start in enumerate(range(0, max(len(wav), 1), seg_samples)):
+                pieces.append((c, s, wav[start:start + seg_samples]))
+        mels = [log_mel(w.float(), self.cfg.audio.n_mels, self.cfg.audio.exact, self.cfg.audio.max_seconds)[0]
+                for _, _, w in pieces]
+        lengths = [max(1, -(-(len(w) // 160) // 2)) for _, _, w in pieces]  # encoder tokens of real audio
+        T = max(m.shape[-1] for m in mels)
+        mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
+        n_tok = -(-T // 2)
+        valid = torch.arange(n_tok, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        # native mode masks the batch padding; exact mode attends over its 30 s padding as Whisper was trained
+        key_mask = None if self.cfg.audio.exact else masks.for_sdpa(masks.key_padding(valid).expand(-1, n_tok, -1))
+        hidden = self.audio(mel, key_mask)
+        out = [[] for _ in audio_list]
+        for (c, s, _), h, n in zip(pieces, hidden, lengths):
+            h = h[:n]
+            if isinstance(self.audio_aligner, WindowQFormer):
+                tok, times = self.audio_aligner(h)
+            else:
+                tok, times = self.audio_aligner(h), torch.arange(n, device=self.device).float() / TOKENS_PER_SECOND
+            out[c].append((self.segment_embed(tok, s), times + s * self.cfg.audio.max_seconds))
+        return [(torch.cat([t for t, _ in o]), torch.cat([x for _, x in o])) for o in out]
+
+    def av_block(self, frames_list, frame_times_list, audio_list):
+        """Per clip: interleaved (tokens (N, D), times (N,), modality (N,)) and the OT loss (0 if off)."""
+        visual = self.encode_visual(frames_list)
+        audio = self.encode_audio(audio_list)
+        blocks, ot_terms = [], []
+        for v, ft, (a, at) in zip(visual, frame_times_list, audio):
+            if len(v) and len(a) and (self.cfg.ot_weight > 0 or self.cfg.ot_fusion):
+                flat = v.reshape(-1, v.shape[-1])
+                if self.cfg.ot_weight > 0:
+                    ot_terms.append(ot_loss(flat, a, self.cfg.ot_eps, self.cfg.ot_iters))
+                if self.cfg.ot_fusion:
+                    flat, a = ot_fuse(flat, a, self.cfg.ot_eps, self.cfg.ot_iters)
+                    v = flat.view_as(v)
+            blocks.append(interleave(self.cfg.interleave, v, ft.to(self.device), a, at, self.cfg.air, self.cfg.chunk_seconds))
+        ot = torch.stack(ot_terms).mean() if ot_terms else torch.zeros((), device=self.device)
+        return blocks, ot
+
+    # ----------------------------------------------------------------------------------- sequences
+    def render(self, caption=None, prompt=None):
+        """ChatML ids + loss mask for (prompt with the AV placeholder, caption)."""
+        msgs = [{"role": "user", "content": f"{AV}\n{prompt or self.cfg.prompt}"}]
+        return self.tok.render(msgs, completion=caption)
+
+    def assemble(self, blocks, ids_list, loss_masks=None, left_pad=False):
+        """Splice each AV block into its ids at the placeholder. Returns padded inputs_embeds (B, L, D),
+        positions (B, L), is_av (B, L), valid (B, L) and labels (B, L) (-100 where no loss; labels[t]
+        is the token to predict *at* position t, i.e. already shifted)."""
+        rows = []
+        for i, ((av, times, _), ids) in enumerate(zip(blocks, ids_list)):
+            ids = torch.as_tensor(ids, device=self.device)
+            k = (ids == self.av_id).nonzero()
+            if len(k) != 1:
+                raise ValueError(f"sample {i}: expected exactly one {AV} placeholder, found {len(k)}")
+            k = int(k[0])
+            before, after = ids[:k], ids[k + 1:]
+            emb = self.decoder.embed
+            x = torch.cat([emb(before), av.to(emb.weight.dtype), emb(after)])
+            n_av = len(av)
+            if self.cfg.time_positions:
+                av_pos = time_positions(times, k, self.cfg.ids_per_second)
+                nxt = (av_pos.max() + 1) if n_av else torch.tensor(k, device=self.device)
+                pos = torch.cat([torch.arange(k, device=self.device), av_pos, nxt + torch.arange(len(after), device=self.device)])
+            else:
+                pos = torch.arange(len(x), device=self.device)
+            is_av = torch.zeros(len(x), dtype=torch.bool, device=self.device)
+            is_av[k:k + n_av] = True
+            labels = torch.full((len(x),), -100, dtype=torch.long, device=self.device)
+            if loss_masks is not None:
+                lm = torch.as_tensor(loss_masks[i], device=self.device).bool()
+                tgt = torch.cat([torch.full((k + n_av,), -100, device=self.device, dtype=torch.long),
+                                 torch.where(lm[k + 1:], after, -100)])
+                labels[:-1] = tgt[1:]  # position t predicts token t+1
+            rows.append((x, pos, is_av, labels))
+        L = max(len(r[0]) for r in rows)
+        B, D = len(rows), rows[0][0].shape[-1]
+        X = torch.zeros(B, L, D, device=self.device, dtype=rows[0][0].dtype)
+        P = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        A = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        V = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        Y = torch.full((B, L), -100, dtype=torch.long, device=self.device)
+        for b, (x, pos, is_av, labels) in enumerate(rows):
+            s = slice(L - len(x), L) if left_pad else slice(0, len(x))
+            X[b, s], P[b, s], A[b, s], V[b, s], Y[b, s] = x, pos, is_av, True, labels
+        return X, P, A, V, Y
+
+    def attention_mask(self, is_av, valid):
+        """AVCap prefix mask or plain causal, with padded keys masked. None = exactly causal (fast path)."""
+        if self.cfg.mask == "prefix":
+            return masks.for_sdpa(masks.av_prefix(is_av) & masks.key_padding(valid))
+        if self.cfg.mask != "causal":
+            raise ValueError(f"unknown mask {self.cfg.mask!r} (prefix, causal)")
+        right_padded = bool((valid.long().diff(dim=1) <= 0).all())
+        return None if right_padded else masks.for_sdpa(masks.causal(valid.shape[1], valid.device) & masks.key_padding(valid))
+
+    # ----------------------------------------------------------------------------------- training / sampling
+    def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False):
+        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, n_tokens)."""
+        blocks, ot = self.av_block(frames, frame_times, audio)
+        X, P, A, V, Y = self.assemble(blocks, ids, loss_mask)
+        h = self.decoder(inputs_embeds=X, positions=P, mask=self.attention_mask(A, V), return_hidden=True)
+        sel = Y != -100
+        logits = self.decoder.logits(h[sel]).float()
+        ce = F.cross_entropy(logits, Y[sel], label_smoothing=self.cfg.label_smoothing)
+        out = dict(loss=ce + self.cfg.ot_weight * ot, ce=ce, ot=ot, n_tokens=int(sel.sum()))
+        if return_hidden:
+            out.update(hidden=h, is_av=A)
+        return out
+
+    @torch.no_grad()
+    def generate(self, frames, frame_times, audio, prompt=None, **sampling):
+        """Captions (list of str) for a batch of clips; sampling kwargs as avnano.generate.generate."""
+        blocks, _ = self.av_block(frames, frame_times, audio)
+        ids = [self.render(prompt=prompt)[0] for _ in blocks]
+        X, P, A, V, _ = self.assemble(blocks, ids, left_pad=True)
+        prefill = masks.av_prefix(A) if self.cfg.mask == "prefix" else None
+        out = generate(self.decoder, inputs_embeds=X, attention_mask=V, positions=P, prefill_mask=prefill,
+                       eos_ids=self.tok.eos_ids, pad_id=self.tok.pad_id, **sampling)
+        stop = set(self.tok.eos_ids) | {self.tok.pad_id}
+        texts = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            texts.append(self.tok.decode(row[:cut]))
+        return texts
+
+    # ----------------------------------------------------------------------------------- groups, I/O
+    def param_groups(self):
+        """name -> group: vit, audio, aligners, decoder, lora (for staged training)."""
+        groups = {}
+        for name, _ in self.named_parameters():
+            if "lora_" in name:
+                groups[name] = "lora"
+            elif name.startswith(("visual_aligner.", "audio_aligner.", "segment_embed.")):
+                groups[name] = "aligners"
+            else:
+                groups[name] = name.split(".")[0]
+        return groups
+
+    def set_trainable(self, groups):
+        """Freeze everything but the named groups (any of vit, audio, aligners, decoder, lora)."""
+        unknown = set(groups) - {"vit", "audio", "aligners", "decoder", "lora"}
+        if unknown:
+            raise ValueError(f"unknown parameter groups {sorted(unknown)}")
+        owner = self.param_groups()
+        for name, p in self.named_parameters():
+            p.requires_grad_(owner[name] in groups)
+
+    @property
+    def device(self):
+        return self.decoder.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.decoder.embed.weight.dtype
+
+    def save(self, path):
+        """model.safetensors + config.json + tokenizer, each written atomically."""
+        os.makedirs(path, exist_ok=True)
+        save_file_atomic(self.state_dict(), os.path.join(path, "model.safetensors"))
+        write_json_atomic({"avnano": asdict(self.cfg)}, os.path.join(path, "config.json"))
+        self.tok.save(path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        file = os.path.join(path, "config.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: not an avnano checkpoint directory")
+        with open(file) as f:
+            raw = json.load(f)
+        if "avnano" not in raw:
+            raise ValueError(f"{file}: not an avnano AV checkpoint (released LLMs load with sample.py --llm)")
+        model = cls(AVConfig.from_dict(raw["avnano"]), Tokenizer.from_file(path))
+        state = load_file(os.path.join(path, "model.safetensors"))
+        ours = model.state_dict()
+        problems = [f"missing {k}" for k in sorted(set(ours) - set(state))] + \
+                   [f"unexpected {k}" for k in sorted(set(state) - set(ours))] + \
+                   [f"wrong shape {k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
+                    for k in sorted(set(state) & set(ours)) if state[k].shape != ours[k].shape]
+        if problems:
+            raise ValueError(f"{path}: checkpoint does not fit its config:\n  " + "\n  ".join(problems))
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+    @classmethod
+    def from_released(cls, vit_dir, audio_dir, llm_dir, merge=1, exact_audio=True, **overrides):
+        """The 'released' preset: SigLIP/CLIP + Whisper encoder + Llama/Qwen2 LLM from three directories,
+        fresh aligners. The tokenizer is the LLM's; the <|av|> placeholder is added if missing."""
+        from .weights import load_audio_encoder, load_decoder, load_vit
+        vit, audio, dec = load_vit(vit_dir, merge=merge), load_audio_encoder(audio_dir, exact=exact_audio), load_decoder(llm_dir)
+        tok = Tokenizer.from_file(llm_dir)
+        if tok.tok.token_to_id(AV) is None:  # the placeholder is replaced before embedding: it needs no row
+            tok.tok.add_special_tokens([AV])
+        cfg = AVConfig(vit=vit.cfg, audio=audio.cfg, decoder=dec.cfg)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cls(cfg, tok, vit=vit, audio=audio, decoder=dec)

@@ -1,0 +1,89 @@
+"""Interleavers' exact orders on integer-labelled tokens, the window Q-Former, segment embeddings."""
+import torch
+
+from avnano.interleave import AUDIO, VISUAL, SegmentEmbedding, WindowQFormer, avti, chunked, concat, per_frame, time_positions
+
+
+def labelled(n_frames, per_frame_tokens, n_audio, duration):
+    """Visual token of frame i, slot j has label 100*i + j; audio token k has label -(k+1)."""
+    v = torch.tensor([[[100.0 * i + j] for j in range(per_frame_tokens)] for i in range(n_frames)])
+    ft = (torch.arange(n_frames) + 0.5) * duration / n_frames
+    a = -(torch.arange(n_audio, dtype=torch.float) + 1)[:, None]
+    at = torch.arange(n_audio) * duration / n_audio
+    return v, ft, a, at
+
+
+def labels(out):
+    return [int(x) for x in out[0][:, 0].tolist()]
+
+
+def test_concat_is_all_visual_then_all_audio():
+    out = concat(*labelled(2, 2, 3, 2.0))
+    assert labels(out) == [0, 1, 100, 101, -1, -2, -3]
+    assert out[2].tolist() == [VISUAL] * 4 + [AUDIO] * 3
+
+
+def test_per_frame_slices_audio_by_frame():
+    out = per_frame(*labelled(3, 2, 6, 3.0))
+    assert labels(out) == [0, 1, -1, -2, 100, 101, -3, -4, 200, 201, -5, -6]
+
+
+def test_per_frame_resamples_when_not_divisible():
+    # l = 5, n = 2: audio resampled (nearest) up to 2 * ceil(5 / 2) = 6 tokens: indices floor(i * 5 / 6)
+    out = per_frame(*labelled(2, 1, 5, 2.0))
+    assert labels(out) == [0, -1, -1, -2, 100, -3, -4, -5]
+    frame_of = [0, 0, 0, 0, 1, 1, 1, 1]  # every token's owning frame never goes back
+    assert frame_of == sorted(frame_of)
+
+
+def test_avti_air_quarter_gives_a_v_v_v():
+    v, ft, a, at = labelled(10, 3, 7, 5.0)  # n_v = 30 -> N = 40, n_a = 10, k = 3
+    out = avti(v, ft, a, at, air=0.25)
+    pattern = ["A" if m == AUDIO else "V" for m in out[2].tolist()]
+    assert pattern == ["A", "V", "V", "V"] * 10
+    vis = [x for x, m in zip(labels(out), out[2].tolist()) if m == VISUAL]
+    assert vis == [100 * i + j for i in range(10) for j in range(3)]  # visual keeps its order
+    aud = [x for x, m in zip(labels(out), out[2].tolist()) if m == AUDIO]
+    assert aud == sorted(aud, reverse=True) and len(aud) == 10  # audio resampled in time order
+
+
+def test_avti_other_rate():
+    v, ft, a, at = labelled(4, 1, 8, 4.0)  # n_v = 4, AIR 0.5: N = 8, n_a = 4, k = round(4/5) = 1
+    out = avti(v, ft, a, at, air=0.5)
+    assert ["A" if m == AUDIO else "V" for m in out[2].tolist()] == ["A", "V"] * 4
+
+
+def test_chunked_order_and_positions():
+    # frames at 0.5, 1.5, 2.5, 3.5 s (1 token each); audio at 0, 1, 2, 3, 4.5 s
+    v = torch.tensor([[[0.0]], [[100.0]], [[200.0]], [[300.0]]])
+    ft = torch.tensor([0.5, 1.5, 2.5, 3.5])
+    a = -(torch.arange(5, dtype=torch.float) + 1)[:, None]
+    at = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.5])
+    tokens, times, modality = chunked(v, ft, a, at, chunk_seconds=2.0)
+    assert [int(x) for x in tokens[:, 0]] == [0, 100, -1, -2, 200, 300, -3, -4, -5]
+    chunk = (times / 2.0).floor().tolist()
+    assert chunk == sorted(chunk)  # chunk index never decreases
+    pos = time_positions(times, start=3, ids_per_second=25)
+    assert pos.tolist() == [3 + 12, 3 + 37, 3 + 0, 3 + 25, 3 + 62, 3 + 87, 3 + 50, 3 + 75, 3 + 112]
+
+
+def test_window_qformer_count_and_times():
+    torch.manual_seed(0)
+    q = WindowQFormer(16, 8, window=0.5, n_queries=1, frames_per_second=50)
+    for frames, windows in ((100, 4), (101, 5), (25, 1), (1, 1)):  # 2 s -> 4, a partial window counts
+        out, times = q(torch.randn(frames, 16))
+        assert out.shape == (windows, 8) and times.tolist() == [0.5 * i for i in range(windows)]
+    q2 = WindowQFormer(16, 8, window=1.0, n_queries=3, frames_per_second=50)
+    assert q2(torch.randn(150, 16))[0].shape == (9, 8)
+    # a partial last window ignores its padding: appending frames changes only the last window
+    x = torch.randn(60, 16)
+    a, b = q(x)[0], q(torch.cat([x, torch.randn(10, 16)]))[0]
+    assert torch.allclose(a[:2], b[:2], atol=1e-6) and not torch.allclose(a[2], b[2])
+
+
+def test_segment_embedding_zero_for_first_segment():
+    seg = SegmentEmbedding(4, 8)
+    torch.nn.init.normal_(seg.table)
+    x = torch.randn(5, 8)
+    assert torch.equal(seg(x, 0), x)
+    assert not torch.allclose(seg(x, 1), x) and torch.allclose(seg(x, 2) - x, seg.table[2].expand(5, 8))

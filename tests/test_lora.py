@@ -1,0 +1,73 @@
+"""LoRA: fresh adapter is a no-op, merge == adapter forward, disable == base, proxy re-init, save/load."""
+import pytest
+import torch
+
+from avnano import lora
+from avnano.decoder import Decoder, DecoderConfig
+
+
+def model():
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)).eval()
+
+
+def trained_adapter(m):
+    with torch.no_grad():
+        for a in lora.adapters(m):
+            a.lora_B.normal_(0, 0.1)
+
+
+IDS = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_fresh_adapter_changes_nothing_and_counts():
+    m = model()
+    base = m(IDS)
+    names = lora.inject(m, [r"attn\.(q|v)_proj"], r=4, alpha=8)
+    assert names == ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj", "blocks.1.attn.q_proj", "blocks.1.attn.v_proj"]
+    assert torch.equal(m(IDS), base)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    trainable, total = lora.count_trainable(m)
+    q, v = 4 * 32 + 32 * 4, 4 * 32 + 16 * 4  # A (r, in) + B (out, r); v_proj is 16 wide (2 kv heads)
+    assert trainable == 2 * (q + v) and total > trainable
+    assert "blocks.0.attn.q_proj.weight" in m.state_dict()  # base keys unchanged
+
+
+def test_merge_disable_unmerge_proxy():
+    m = model()
+    base = m(IDS)
+    lora.inject(m, [r"proj"], r=4, alpha=8)
+    trained_adapter(m)
+    adapted = m(IDS)
+    assert not torch.allclose(adapted, base)
+    with lora.disabled(m):
+        assert torch.allclose(m(IDS), base, atol=1e-6)
+    lora.merge(m)
+    assert (m(IDS) - adapted).abs().max() <= 1e-5
+    with lora.disabled(m):  # disabling a merged adapter still gives the base model
+        assert (m(IDS) - base).abs().max() <= 1e-5
+    assert (m(IDS) - adapted).abs().max() <= 1e-5
+    lora.unmerge(m)
+    assert (m(IDS) - adapted).abs().max() <= 1e-5
+    lora.new_proxy(m)  # merge + fresh adapter: outputs unchanged, and the "reference" is now the merged model
+    assert (m(IDS) - adapted).abs().max() <= 1e-5
+    with lora.disabled(m):
+        assert (m(IDS) - adapted).abs().max() <= 1e-5
+
+
+def test_adapter_save_load_roundtrip(tmp_path):
+    m = model()
+    lora.inject(m, [r"mlp"], r=2, alpha=4)
+    trained_adapter(m)
+    out = m(IDS)
+    lora.save_adapter(m, str(tmp_path / "adapter.safetensors"))
+    fresh = model()
+    lora.inject(fresh, [r"mlp"], r=2, alpha=4)
+    assert not torch.allclose(fresh(IDS), out)
+    lora.load_adapter(fresh, str(tmp_path / "adapter.safetensors"))
+    assert torch.allclose(fresh(IDS), out)
+    other = model()
+    lora.inject(other, [r"attn"], r=2, alpha=4)
+    with pytest.raises(ValueError, match="adapter does not fit"):
+        lora.load_adapter(other, str(tmp_path / "adapter.safetensors"))

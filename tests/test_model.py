@@ -1,0 +1,137 @@
+"""The tiny AV captioner end to end: padding, overfitting, generation, the prefix mask, staged freezing,
+save/load, every interleaver, and the 'released' preset from three tiny transformers checkpoints."""
+import pytest
+import torch
+
+from avnano.model import AVCaptioner, preset
+from avnano.tokenizer import Tokenizer
+
+CAPTIONS = ["a red circle appears at 0.5 s.", "a knock at 2.0 s; speaker A says \"go\"."]
+
+
+def tokenizer():
+    return Tokenizer.train(CAPTIONS * 10 + ["Describe the clip."] * 5, vocab_size=300)
+
+
+def batch(seconds=(2.0, 3.5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames, times, audio = [], [], []
+    for s in seconds:
+        n = int(s * 2)
+        frames.append((torch.rand(n, 32, 32, 3, generator=g) * 255).to(torch.uint8))
+        times.append((torch.arange(n) + 0.5) / 2)
+        audio.append(torch.randn(int(s * 16000), generator=g) * 0.1)
+    return frames, times, audio
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    tok = tokenizer()
+    return AVCaptioner(preset("tiny", tok.vocab_size, **overrides), tok)
+
+
+def training_batch(model):
+    frames, times, audio = batch()
+    rendered = [model.render(c) for c in CAPTIONS]
+    return frames, times, audio, [r[0] for r in rendered], [r[1] for r in rendered]
+
+
+def test_forward_backward_with_padding_and_overfit():
+    model = tiny()
+    b = training_batch(model)
+    out = model(*b)
+    assert out["n_tokens"] == sum(sum(r) for r in b[4])  # loss on caption + end tokens only
+    out["loss"].backward()
+    assert model.visual_aligner[0].weight.grad is not None and model.audio_aligner.queries.grad is not None
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out["loss"].item()
+    for _ in range(80):
+        opt.zero_grad()
+        loss = model(*b)["loss"]
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    model.eval()
+    texts = model.generate(*b[:3], max_new_tokens=40)
+    assert texts == CAPTIONS  # memorised: greedy decoding reproduces both captions
+    beams = model.generate(*b[:3], max_new_tokens=40, num_beams=3)
+    assert beams == CAPTIONS
+
+
+def test_prefix_mask_hides_caption_from_av_tokens():
+    for mask in ("prefix", "causal"):
+        model = tiny(mask=mask).eval()
+        frames, times, audio = batch()
+        ids_a = [model.render(CAPTIONS[0])[0]]
+        ids_b = [model.render(CAPTIONS[1])[0]]
+        lm = [[1] * len(ids_a[0])], [[1] * len(ids_b[0])]
+        with torch.no_grad():
+            ha = model(frames[:1], times[:1], audio[:1], ids_a, lm[0], return_hidden=True)
+            hb = model(frames[:1], times[:1], audio[:1], ids_b, lm[1], return_hidden=True)
+        av_a, av_b = ha["is_av"][0], hb["is_av"][0]
+        assert av_a.sum() > 0 and av_a.sum() == av_b.sum()
+        # a different caption does not change any AV hidden state
+        assert torch.allclose(ha["hidden"][0][av_a], hb["hidden"][0][av_b], atol=1e-6)
+    # and the prefix mask really is bidirectional inside the AV block (unlike causal)
+    pre, cau = tiny(mask="prefix").eval(), tiny(mask="causal").eval()
+    b = training_batch(pre)
+    with torch.no_grad():
+        hp, hc = pre(*b, return_hidden=True), cau(*b, return_hidden=True)
+    first_av = hp["is_av"][0].nonzero()[0, 0]
+    assert not torch.allclose(hp["hidden"][0, first_av], hc["hidden"][0, first_av])
+
+
+@pytest.mark.parametrize("kw", [dict(interleave="concat"), dict(interleave="avti", air=0.25),
+                                dict(interleave="chunked", time_positions=True), dict(modalities="v"),
+                                dict(modalities="a", audio_aligner="mlp"), dict(ot_weight=0.1, ot_fusion=True),
+                                dict(label_smoothing=0.1, visual_aligner="linear"), dict(lora_r=4)])
+def test_config_switches_run(kw):
+    model = tiny(**kw)
+    out = model(*training_batch(model))
+    assert torch.isfinite(out["loss"]) and (out["ot"] > 0) == (kw.get("ot_weight", 0) > 0)
+    out["loss"].backward()
+
+
+def test_audio_longer_than_t_max_is_segmented():
+    model = tiny()
+    model.cfg.audio.max_positions = 50  # t_max = 1 s of encoder positions
+    blocks = model.encode_audio([torch.randn(int(2.6 * 16000))])
+    tokens, times = blocks[0]
+    assert len(tokens) == 2 + 2 + 2  # three segments (1 s, 1 s, 0.6 s) of 0.5 s windows
+    assert times.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+
+
+def test_freezing_groups_and_save_load(tmp_path):
+    model = tiny(lora_r=4)
+    model.set_trainable({"aligners"})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("visual_aligner", "audio_aligner", "segment_embed")) for n in trainable)
+    model.set_trainable({"lora"})
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        model.set_trainable({"llm"})
+    model.save(str(tmp_path))
+    back = AVCaptioner.load(str(tmp_path))
+    b = training_batch(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(*b)["loss"], back(*b)["loss"])
+
+
+def test_released_preset_from_three_checkpoints(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.test_encoders import VIT, tiny_whisper
+    torch.manual_seed(0)
+    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VIT)).save_pretrained(tmp_path / "vit")
+    tiny_whisper().save_pretrained(tmp_path / "whisper")
+    tok = tokenizer()
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    qwen.save_pretrained(tmp_path / "llm")
+    tok.save(str(tmp_path / "llm"))
+    model = AVCaptioner.from_released(str(tmp_path / "vit"), str(tmp_path / "whisper"), str(tmp_path / "llm"))
+    assert model.cfg.audio.exact and model.cfg.vit.family == "siglip" and model.cfg.decoder.qkv_bias
+    out = model(*training_batch(model))
+    assert torch.isfinite(out["loss"])
+    assert isinstance(model.generate(*batch()[:3], max_new_tokens=5)[0], str)

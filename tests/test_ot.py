@@ -1,0 +1,64 @@
+"""Sinkhorn marginals, permutation recovery, agreement with the naive algorithm; OT loss and fusion."""
+import torch
+
+from avnano.ot import cosine_cost, ot_fuse, ot_loss, sinkhorn
+
+
+def naive_sinkhorn(cost, eps, iters):
+    K = torch.exp(-cost / eps)
+    a = torch.full((cost.shape[0],), 1.0 / cost.shape[0], dtype=cost.dtype)
+    b = torch.full((cost.shape[1],), 1.0 / cost.shape[1], dtype=cost.dtype)
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    for _ in range(iters):
+        u = a / (K @ v)
+        v = b / (K.T @ u)
+    return u[:, None] * K * v[None]
+
+
+def test_marginals():
+    torch.manual_seed(0)
+    cost = torch.rand(6, 9)
+    P = sinkhorn(cost, eps=0.1, iters=200)
+    assert torch.allclose(P.sum(1), torch.full((6,), 1 / 6), atol=1e-4)
+    assert torch.allclose(P.sum(0), torch.full((9,), 1 / 9), atol=1e-4)
+    a = torch.tensor([0.5, 0.3, 0.2])
+    b = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    P = sinkhorn(torch.rand(3, 4), a, b, eps=0.1, iters=300)
+    assert torch.allclose(P.sum(1), a, atol=1e-4) and torch.allclose(P.sum(0), b, atol=1e-4)
+
+
+def test_plan_concentrates_on_obvious_permutation():
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    cost = torch.ones(5, 5)
+    cost[torch.arange(5), perm] = 0.0
+    P = sinkhorn(cost, eps=0.05, iters=100)
+    assert torch.equal(P.argmax(1), perm)
+    assert (P[torch.arange(5), perm] > 0.99 / 5).all()
+
+
+def test_log_domain_equals_naive_when_well_conditioned():
+    torch.manual_seed(1)
+    cost = torch.rand(4, 7, dtype=torch.float64)
+    assert torch.allclose(sinkhorn(cost, eps=0.5, iters=100), naive_sinkhorn(cost, 0.5, 100), atol=1e-10)
+
+
+def test_ot_loss_gradient_flows_through_cost_only():
+    torch.manual_seed(2)
+    v = torch.randn(4, 8, requires_grad=True)
+    a = torch.randn(6, 8, requires_grad=True)
+    loss = ot_loss(v, a)
+    loss.backward()
+    assert v.grad is not None and a.grad is not None and loss.item() > 0
+    with torch.no_grad():  # the value is <P, C> with P from the same cost
+        C = cosine_cost(v, a)
+        assert torch.allclose(loss, (sinkhorn(C) * C).sum())
+    same = torch.randn(5, 8)
+    assert ot_loss(same, same).item() < ot_loss(same, torch.randn(5, 8)).item()  # aligned streams cost less
+
+
+def test_ot_fuse_mixes_by_plan():
+    torch.manual_seed(3)
+    v, a = torch.randn(3, 4), torch.randn(5, 4)
+    fv, fa = ot_fuse(v, a)
+    P = sinkhorn(cosine_cost(v, a))
+    assert torch.allclose(fv, v + 3 * P @ a, atol=1e-6) and torch.allclose(fa, a + 5 * P.T @ v, atol=1e-6)
