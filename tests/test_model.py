@@ -1,5 +1,6 @@
 """The tiny AV captioner end to end: padding, overfitting, generation, the prefix mask, staged freezing,
 save/load, every interleaver, and the 'released' preset from three tiny transformers checkpoints."""
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,21 @@ def test_released_preset_from_three_checkpoints(tmp_path):
     out = model(*training_batch(model))
     assert torch.isfinite(out["loss"])
     assert isinstance(model.generate(*batch()[:3], max_new_tokens=5)[0], str)
+
+
+def test_show_layout_page(tmp_path):
+    import zlib
+
+    from avnano.media import Clip
+    from avnano.show import layout, png_bytes, render_html
+    model = tiny(interleave="avti").eval()
+    frames, times, audio = batch(seconds=(2.0,))
+    clip = Clip(frames[0], times[0], audio[0], 2.0, True, True)
+    slots, mask = layout(model, clip)
+    kinds = [k for k, _, _ in slots]
+    assert len(slots) == mask.shape[0] and kinds.count("audio") > 0 and kinds.count("visual") == 4 * 4
+    assert kinds[-1] == "caption"
+    page = render_html(slots, mask, "t")
+    assert "data:image/png;base64," in page and page.count('class="c"') >= len(slots)
+    png = png_bytes(np.full((2, 3, 3), 7, np.uint8))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and zlib.decompress(png[41:-12]) == b"\x00" + bytes([7] * 9) + b"\x00" + bytes([7] * 9)
