@@ -73,7 +73,7 @@ class AVConfig:
 
 PRESETS = {
     # CPU-sized: tests and the toy world on a laptop
-    "tiny": dict(vit=dict(family="siglip", image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=2),
+    "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=8, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=2),
                  audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=1500),
                  decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
     # one-GPU sized
@@ -236,7 +236,7 @@ class AVCaptioner(nn.Module):
         sel = Y != -100
         logits = self.decoder.logits(h[sel]).float()
         ce = F.cross_entropy(logits, Y[sel], label_smoothing=self.cfg.label_smoothing)
-        out = dict(loss=ce + self.cfg.ot_weight * ot, ce=ce, ot=ot, n_tokens=int(sel.sum()))
+        out = dict(loss=ce + self.cfg.ot_weight * ot, ce=ce, ot=ot, n_tokens=int(sel.sum()), n_seq=int(V.sum()))
         if return_hidden:
             out.update(hidden=h, is_av=A)
         return out
