@@ -1,6 +1,7 @@
-"""Sample from avnano: text from a released LLM checkpoint (--llm), streamed token by token.
+"""Sample from avnano: a caption for any video (or audio) file, or text from a released LLM checkpoint.
 
-    python sample.py --llm path/to/SmolLM2-135M-Instruct --prompt "What is a knock?"
+    python sample.py --ckpt out/sft --video clip.mp4            # AV captioner (mp4/mkv/webm/avi/wav/...)
+    python sample.py --llm path/to/SmolLM2-135M-Instruct --prompt "What is a knock?"   # text, streamed
 """
 import argparse
 import sys
@@ -47,15 +48,21 @@ class Streamer:
             self.shown = text
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llm", required=True, help="directory with config.json, model.safetensors(.index.json), tokenizer.json")
-    p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--system", default=None, help="optional system message (none is added by default)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    sampling_args(p)
-    args = p.parse_args()
+def caption_video(args):
+    from avnano.media import load_clip
+    from avnano.model import AVCaptioner
+    model = AVCaptioner.load(args.ckpt, device=args.device)
+    cfg = model.cfg
+    clip = load_clip(args.video, fps=cfg.fps, max_frames=cfg.max_frames, size=(cfg.vit.image_size, cfg.vit.image_size))
+    if not clip.has_audio:
+        print(f"note: {args.video} has no audio stream; captioning with silence", file=sys.stderr)
+    if not clip.has_video:
+        print(f"note: {args.video} has no video stream; captioning from audio alone", file=sys.stderr)
+    kw = sampling_kwargs(args, args.device)
+    print(model.generate([clip.frames], [clip.frame_times], [clip.audio], prompt=args.prompt, **kw)[0])
+
+
+def chat(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype,
                                                                       torch.bfloat16 if args.device == "cuda" else torch.float32)
     model = load_decoder(args.llm, dtype=dtype, device=args.device)
@@ -68,6 +75,27 @@ def main():
     if args.num_beams > 1:
         print(tok.decode([t for t in out[0].tolist() if t not in tok.eos_ids and t != tok.pad_id]), end="")
     print()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("AV captioning")
+    g.add_argument("--ckpt", default=None, help="avnano AV checkpoint directory (e.g. out/sft)")
+    g.add_argument("--video", default=None, help="media file to caption (video-only and audio-only files work too)")
+    g = p.add_argument_group("text from a released LLM")
+    g.add_argument("--llm", default=None, help="directory with config.json, model.safetensors(.index.json), tokenizer.json")
+    g.add_argument("--system", default=None, help="optional system message (none is added by default)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--prompt", default=None, help="user message (--llm, required) or captioning instruction (--ckpt)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    sampling_args(p)
+    args = p.parse_args()
+    if args.ckpt and args.video:
+        caption_video(args)
+    elif args.llm and args.prompt:
+        chat(args)
+    else:
+        p.error("give --ckpt and --video (caption a file) or --llm and --prompt (text)")
 
 
 if __name__ == "__main__":

@@ -233,7 +233,18 @@ def main():
     if rank == 0 and not (args.stop_after and state["step"] < args.steps):
         final_eval(model, test_rows, args, log)
     if dist.is_initialized():
+        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
         dist.destroy_process_group()
+
+
+def rank_weight_diff(model):
+    """Largest |w_rank - w_rank0| over every parameter and rank: 0 when DDP kept the replicas in step."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
 def final_eval(model, test_rows, args, log):

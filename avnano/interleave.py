@@ -90,6 +90,23 @@ class SegmentEmbedding(nn.Module):
         return x + self.table[segment]
 
 
+class TimeEmbedding(nn.Module):
+    """Absolute time in seconds -> a vector added to each AV token: sinusoids of t at periods from
+    0.5 s to 64 s, then a linear map. Departure from the seed papers (which rely on positions or
+    textual timestamps): an explicit clock lets a small decoder read event times directly, whatever
+    the clip length and frame rate."""
+
+    def __init__(self, dim, n_freqs=16, min_period=0.5, max_period=64.0):
+        super().__init__()
+        periods = min_period * (max_period / min_period) ** (torch.arange(n_freqs) / (n_freqs - 1))
+        self.register_buffer("omega", 2 * math.pi / periods, persistent=False)
+        self.proj = nn.Linear(2 * n_freqs, dim)
+
+    def forward(self, times):
+        angles = times.float()[:, None] * self.omega
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
+
+
 def _flat_visual(visual, frame_times):
     """visual (n, t, D) -> tokens (n*t, D), times (n*t,), owning frame (n*t,)."""
     n, t = visual.shape[:2]

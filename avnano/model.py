@@ -23,7 +23,7 @@ from . import lora, masks
 from .audio import SAMPLE_RATE, TOKENS_PER_SECOND, AudioConfig, AudioEncoder, log_mel
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
-from .interleave import AUDIO, SegmentEmbedding, WindowQFormer, interleave, make_aligner, time_positions
+from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, interleave, make_aligner, time_positions
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
 from .vit import ViT, ViTConfig, preprocess
@@ -47,6 +47,7 @@ class AVConfig:
     air: float = 0.25                # AVTI audio-interleaving rate
     chunk_seconds: float = 2.0       # time-chunked interleaving
     time_positions: bool = False     # time-aligned position ids for the AV block
+    time_embed: bool = True          # add a sinusoidal clock embedding of each AV token's time
     ids_per_second: int = 25
     mask: str = "prefix"             # prefix (AVCap M) | causal
     label_smoothing: float = 0.0
@@ -107,6 +108,7 @@ class AVCaptioner(nn.Module):
                                           n_queries=cfg.n_queries, frames_per_second=TOKENS_PER_SECOND) \
             if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
         self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
+        self.time_embed = TimeEmbedding(D) if cfg.time_embed else None
         if cfg.lora_r > 0:
             lora.inject(self.decoder, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.av_id = tok.token_id(AV)
@@ -166,7 +168,10 @@ class AVCaptioner(nn.Module):
                 if self.cfg.ot_fusion:
                     flat, a = ot_fuse(flat, a, self.cfg.ot_eps, self.cfg.ot_iters)
                     v = flat.view_as(v)
-            blocks.append(interleave(self.cfg.interleave, v, ft.to(self.device), a, at, self.cfg.air, self.cfg.chunk_seconds))
+            tokens, times, modality = interleave(self.cfg.interleave, v, ft.to(self.device), a, at, self.cfg.air, self.cfg.chunk_seconds)
+            if self.time_embed is not None:
+                tokens = tokens + self.time_embed(times)
+            blocks.append((tokens, times, modality))
         ot = torch.stack(ot_terms).mean() if ot_terms else torch.zeros((), device=self.device)
         return blocks, ot
 
@@ -264,7 +269,7 @@ class AVCaptioner(nn.Module):
         for name, _ in self.named_parameters():
             if "lora_" in name:
                 groups[name] = "lora"
-            elif name.startswith(("visual_aligner.", "audio_aligner.", "segment_embed.")):
+            elif name.startswith(("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.")):
                 groups[name] = "aligners"
             else:
                 groups[name] = name.split(".")[0]

@@ -204,13 +204,18 @@ def sample_clip(seed, split="train", pu=False):
         if offset + new_d > 10.0:  # stay within the 10 s clip length
             break
         warp = lambda t: offset + round(t * scale * 2) / 2
+
+        def span(a, b):  # an interval keeps at least 0.5 s after rounding, inside its scene
+            if b <= a:
+                return warp(a), warp(a)
+            end = min(offset + new_d, warp(a) + max(0.5, round((b - a) * scale * 2) / 2))
+            return min(warp(a), end - 0.5), end
         for e in evs:
-            e = dict(e, start=warp(e["start"]), end=warp(e["end"]))
+            e = dict(e, start=span(e["start"], e["end"])[0], end=span(e["start"], e["end"])[1])
             e["_objects"] = [dict(o, vis=(warp(o["vis"][0]), min(warp(o["vis"][1]), offset + new_d)),
-                                  move=tuple(map(warp, o["move"])), bounces=[warp(b) for b in o["bounces"]])
-                             for o in e["_objects"]]
+                                  move=span(*o["move"]), bounces=[warp(b) for b in o["bounces"]]) for o in e["_objects"]]
             e["_sounds"] = [dict(s, start=warp(s["start"]), end=warp(s["start"]) + 0.15 if s["kind"] == "knock"
-                                 else warp(s.get("end", s["start"]))) for s in e["_sounds"]]
+                                 else span(s["start"], s.get("end", s["start"]))[1]) for s in e["_sounds"]]
             events.append(e)
         offset += new_d
     return events, max(offset, 4.0)

@@ -106,7 +106,7 @@ def test_freezing_groups_and_save_load(tmp_path):
     model = tiny(lora_r=4)
     model.set_trainable({"aligners"})
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("visual_aligner", "audio_aligner", "segment_embed")) for n in trainable)
+    assert trainable and all(n.startswith(("visual_aligner", "audio_aligner", "segment_embed", "time_embed")) for n in trainable)
     model.set_trainable({"lora"})
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="unknown parameter groups"):
@@ -148,7 +148,7 @@ def test_show_layout_page(tmp_path):
     clip = Clip(frames[0], times[0], audio[0], 2.0, True, True)
     slots, mask = layout(model, clip)
     kinds = [k for k, _, _ in slots]
-    assert len(slots) == mask.shape[0] and kinds.count("audio") > 0 and kinds.count("visual") == 4 * 4
+    assert len(slots) == mask.shape[0] and kinds.count("audio") > 0 and kinds.count("visual") == 4 * model.cfg.vit.tokens_per_frame
     assert kinds[-1] == "caption"
     page = render_html(slots, mask, "t")
     assert "data:image/png;base64," in page and page.count('class="c"') >= len(slots)
