@@ -2,7 +2,7 @@
 
 Why: real AV caption data and LLM judges are not available offline, so every claim avnano makes
 (SFT works, an interleaver helps, DPO lowers Miss + Hall) is measured here, exactly.
-A clip is 4-10 s of 64x64 video at 8 fps with a 16 kHz soundtrack, written through PyAV as H.264 +
+A clip is 4-10 s of 64x64 video at 8 fps (shapes on a 4x4 grid of 16 px cells) with a 16 kHz soundtrack, written through PyAV as H.264 +
 AAC, so training decodes it like any real video. It holds 1-4 events that overlap in time:
   visual  a coloured shape (3 shapes x 4 colours) appears / disappears / moves left|right|up|down;
   audio   a low or high tone, a noise burst, a rising or falling chirp (intervals);
@@ -115,11 +115,11 @@ def _grid(rng, lo, hi):
 
 def sample_events(rng, duration, n_events, combos):
     """1-4 events with rendering details (keys starting with '_'); distinct objects, sounds, speakers' turns."""
-    cells = list(rng.permutation(9))
+    cells = list(rng.permutation(16))
     combos = [combos[i] for i in rng.permutation(len(combos))]
     sounds = list(rng.permutation(len(SOUNDS)))
     events, speech_free_at = [], 0.0
-    cell_xy = lambda c: (14 + 18 * (c % 3), 14 + 18 * (c // 3))
+    cell_xy = lambda c: (8 + 16 * (c % 4), 8 + 16 * (c // 4))  # centres of a 4x4 grid of 16 px cells
     for _ in range(n_events):
         kind = rng.choice(["visual", "audio", "av", "speech"], p=[0.4, 0.2, 0.15, 0.25])
         if kind == "speech" and speech_free_at > duration - 1.5:
@@ -146,11 +146,11 @@ def sample_events(rng, duration, n_events, combos):
                 t0 = _grid(rng, 0.0, duration - 1.5)
                 t1 = min(duration, t0 + _grid(rng, 1.0, 3.0))
                 dx, dy = DIRECTIONS[direction]
-                obj["xy1"] = (int(np.clip(xy[0] + 24 * dx, 10, SIZE - 10)), int(np.clip(xy[1] + 24 * dy, 10, SIZE - 10)))
-                if obj["xy1"] == xy:  # already at the wall: go the other way round
+                obj["xy1"] = (xy[0] + 32 * dx, xy[1] + 32 * dy)  # two cells
+                if not (0 < obj["xy1"][0] < SIZE and 0 < obj["xy1"][1] < SIZE):  # off the frame: go the other way
                     direction = {"left": "right", "right": "left", "up": "down", "down": "up"}[direction]
                     dx, dy = DIRECTIONS[direction]
-                    obj["xy1"] = (xy[0] + 24 * dx, xy[1] + 24 * dy)
+                    obj["xy1"] = (xy[0] + 32 * dx, xy[1] + 32 * dy)
                 obj["move"], e = (t0, t1), dict(motion=f"moves {direction}", start=t0, end=t1)
             events.append(dict(type="visual", colour=colour, shape=shape, **e, _objects=[obj], _sounds=[]))
         elif kind == "av":
