@@ -57,7 +57,7 @@ def data_args(p):
     g.add_argument("--no-cache", action="store_true", help="decode clips every time instead of keeping them in memory")
 
 
-def opt_args(p, steps=1200, lr=2e-3, batch=16):
+def opt_args(p, steps=750, lr=2e-3, batch=16):
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=batch, help="clips per micro-batch per rank")

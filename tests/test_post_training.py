@@ -1,0 +1,115 @@
+"""DPO-family and GRPO losses against hand-computed values on 2-example batches; rewards on hand-made cases."""
+import math
+
+import pytest
+import torch
+
+from avnano.dpo import dpo_loss, guided_dpo_loss, select_pairs, sequence_logprobs
+from avnano.grpo import clipped_surrogate, completion_mask, group_advantages, grpo_loss, kl_k3, normalise
+from avnano.rewards import checklist_reward, dialogue_reward, edit_similarity, length_reward, total_reward
+
+T = torch.tensor
+PI_C, PI_R, REF_C, REF_R = T([-10.0, -12.0]), T([-11.0, -9.0]), T([-10.5, -12.0]), T([-10.5, -10.0])  # Delta = +1, -1
+
+
+def test_dpo_sigmoid_cdpo_ipo_by_hand():
+    loss, rc, rr = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1)
+    assert torch.allclose(loss, T([math.log(1 + math.exp(-0.1)), math.log(1 + math.exp(0.1))]))  # 0.6444, 0.7444
+    assert torch.allclose(rc, T([0.05, 0.0])) and torch.allclose(rr, T([-0.05, 0.1]))
+    cdpo, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, kind="cdpo", eps=0.1)
+    assert torch.allclose(cdpo, T([0.9 * 0.644397 + 0.1 * 0.744397, 0.9 * 0.744397 + 0.1 * 0.644397]), atol=1e-5)
+    ipo, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, kind="ipo", n_c=T([5.0, 4.0]), n_r=T([2.0, 5.0]))
+    assert torch.allclose(ipo, T([(0.35 - 5) ** 2, (-0.2 - 5) ** 2]))  # per-token averaged log-ratios
+    with pytest.raises(ValueError):
+        dpo_loss(PI_C, PI_R, REF_C, REF_R, kind="hinge")
+
+
+def test_guided_dpo_adds_ce_on_the_ground_truth_sequence():
+    dpo, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1)
+    total = guided_dpo_loss(dpo, gt_logprob_sum=T([-6.0, -4.0]), gt_tokens=T([3.0, 2.0]), lam=0.1)
+    assert torch.allclose(total, T((0.644397 + 0.744397) / 2 + 0.1 * 2.0), atol=1e-5)
+
+
+def test_sequence_logprobs_ignore_prompt_and_padding():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    mask = T([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]).float()  # prompt then completion; row 2 right-padded
+    s, n = sequence_logprobs(logits, targets, mask)
+    lp = torch.log_softmax(logits, -1)
+    by_hand = [sum(lp[0, t, targets[0, t]] for t in (2, 3, 4)), sum(lp[1, t, targets[1, t]] for t in (1, 2))]
+    assert torch.allclose(s, torch.stack(by_hand)) and n.tolist() == [3.0, 2.0]
+    changed = logits.clone()
+    changed[0, :2] += torch.randn(2, 7) * 5  # prompt positions
+    changed[1, 3:] += torch.randn(2, 7) * 5  # padding
+    assert torch.allclose(sequence_logprobs(changed, targets, mask)[0], s)
+
+
+def test_pair_selection_thresholds():
+    scored = [[("good", dict(total=0.1, repetition=0.0)), ("bad", dict(total=0.5, repetition=0.02))],
+              [("a", dict(total=0.2, repetition=0.05)), ("b", dict(total=0.3, repetition=0.0))],  # chosen repeats more
+              [("x", dict(total=0.3, repetition=0.0)), ("y", dict(total=0.32, repetition=0.0))]]  # margin too small
+    assert select_pairs(scored, {"total": 0.05, "repetition": 0.01}) == [(0, "good", "bad")]
+    assert select_pairs(scored, {"total": 0.05, "repetition": -0.1}) == [(0, "good", "bad"), (1, "a", "b")]
+
+
+def test_group_advantages_with_a_zero_spread_group():
+    r = T([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    a = group_advantages(r)
+    assert torch.allclose(a[0], T([-1.0, 0.0, 1.0]) / (1.0 + 1e-4)) and torch.equal(a[1], torch.zeros(3))
+    assert torch.equal(group_advantages(r, scale="none"), T([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_k3_kl_nonnegative_and_zero_at_reference():
+    torch.manual_seed(1)
+    logp, ref = torch.randn(4, 6), torch.randn(4, 6)
+    assert (kl_k3(logp, ref) >= 0).all() and torch.equal(kl_k3(logp, logp), torch.zeros(4, 6))
+    assert torch.allclose(kl_k3(T([0.0]), T([math.log(2)])), T([2 - math.log(2) - 1]))
+
+
+def test_clipped_surrogate_by_hand():
+    logp = T([[math.log(1.5)], [math.log(1.5)], [math.log(0.5)], [math.log(0.5)]])
+    adv = T([[1.0], [-1.0], [1.0], [-1.0]])
+    loss = clipped_surrogate(logp, torch.zeros(4, 1), adv, eps_low=0.2)
+    assert torch.allclose(loss.flatten(), T([-1.2, 1.5, -0.5, 0.8]))
+    high = clipped_surrogate(logp[:1], torch.zeros(1, 1), adv[:1], eps_low=0.2, eps_high=0.28)
+    assert torch.allclose(high, T([[-1.28]]))
+
+
+def test_normalisation_modes_by_hand():
+    per_token = T([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert normalise(per_token, mask, "grpo").item() == 3.0  # (6/3 + 4/1) / 2
+    assert normalise(per_token, mask, "bnpo").item() == 2.5 == normalise(per_token, mask, "dapo").item()  # 10 / 4
+    assert normalise(per_token, mask, "dr_grpo").item() == 1.25  # 10 / (2 * 4)
+    # one step per batch: pi_old == pi and pi == ref -> loss = -(mean advantage) exactly, KL 0
+    logp = torch.randn(2, 4)
+    loss = grpo_loss(logp, logp, logp, T([0.5, -1.5]), mask, beta=0.04, mode="grpo")
+    assert torch.allclose(loss, T(-(0.5 - 1.5) / 2))
+
+
+def test_completion_mask_includes_first_eos_only():
+    ids = T([[5, 7, 2, 9, 2], [2, 1, 1, 1, 1], [4, 4, 4, 4, 4]])
+    assert completion_mask(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_dialogue_reward_cases():
+    gt = [("A", "hello there"), ("B", "good morning")]
+    assert dialogue_reward(gt, gt) == 1.0
+    assert dialogue_reward(gt[::-1], gt) == pytest.approx(0.5)  # order matters: only one pair can keep order
+    sim = edit_similarity("hello thxxe", "hello there")
+    assert sim == pytest.approx(1 - 2 / 11)
+    assert dialogue_reward([("A", "hello thxxe")], gt[:1]) == pytest.approx((1 + sim) / 2)
+    assert dialogue_reward([("A", "zzzzzzzzzzz")], gt[:1]) == 0.0  # below the 0.6 similarity threshold
+    assert dialogue_reward([("B", "hello there")], gt[:1]) == pytest.approx(0.5)  # wrong speaker: (0 + 1) / 2
+    assert dialogue_reward([], []) == 1.0 and dialogue_reward([], gt) == 0.0 and dialogue_reward(gt, []) == 0.0
+    assert dialogue_reward(gt[:1], gt) == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # P 1, R 1/2
+
+
+def test_length_and_checklist_rewards():
+    words = lambda n: " ".join(["w"] * n)
+    assert [length_reward(words(n), 10) for n in (5, 10, 15, 20, 25)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    items = ["a knock at 1.0 s.", "a red circle appears at 2.0 s."]
+    assert checklist_reward("A knock at 1.0 s.  a blue circle appears at 2.0 s.", items) == 0.5
+    assert checklist_reward("anything", items, judge=lambda c, i: 1.0) == 1.0
+    r, parts = total_reward("a knock at 1.0 s.", items, [], [], max_words=10, weights=(1.0, 1.0, 0.0))
+    assert parts == {"r_c": 0.5, "r_d": 1.0, "r_l": 1.0} and r == 1.5
