@@ -246,8 +246,31 @@ class AVCaptioner(nn.Module):
             out.update(hidden=h, is_av=A)
         return out
 
+    def completion_logprobs(self, frames, frame_times, audio, completions, temperature=1.0, prompt=None):
+        """Log-probs of given completion token ids (a list per clip, EOS included) after the AV prompt,
+        with logits divided by `temperature` exactly as when sampling. Returns (B, T) log-probs and
+        the (B, T) float mask of real completion tokens (rows right-padded)."""
+        blocks, _ = self.av_block(frames, frame_times, audio)
+        prompt_ids = self.render(prompt=prompt)[0]
+        ids = [prompt_ids + list(c) for c in completions]
+        loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
+        X, P, A, V, Y = self.assemble(blocks, ids, loss_masks)
+        h = self.decoder(inputs_embeds=X, positions=P, mask=self.attention_mask(A, V), return_hidden=True)
+        sel = Y != -100  # row by row, in order: exactly the completion tokens
+        logp = torch.log_softmax(self.decoder.logits(h[sel]).float() / temperature, -1).gather(-1, Y[sel][:, None])[:, 0]
+        lengths = torch.tensor([len(c) for c in completions], device=self.device)
+        mask = torch.arange(int(lengths.max()), device=self.device)[None] < lengths[:, None]
+        out = torch.zeros(mask.shape, device=self.device)
+        out[mask] = logp
+        return out, mask.float()
+
+    def completion_ids(self, caption):
+        """The token ids a caption is trained on (its text + end token), as render() produces them."""
+        ids, mask = self.render(caption)
+        return [i for i, m in zip(ids, mask) if m]
+
     @torch.no_grad()
-    def generate(self, frames, frame_times, audio, prompt=None, **sampling):
+    def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, **sampling):
         """Captions (list of str) for a batch of clips; sampling kwargs as avnano.generate.generate."""
         blocks, _ = self.av_block(frames, frame_times, audio)
         ids = [self.render(prompt=prompt)[0] for _ in blocks]
@@ -260,7 +283,7 @@ class AVCaptioner(nn.Module):
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
             texts.append(self.tok.decode(row[:cut]))
-        return texts
+        return (texts, out) if return_ids else texts
 
     # ----------------------------------------------------------------------------------- groups, I/O
     def param_groups(self):

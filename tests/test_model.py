@@ -154,3 +154,18 @@ def test_show_layout_page(tmp_path):
     assert "data:image/png;base64," in page and page.count('class="c"') >= len(slots)
     png = png_bytes(np.full((2, 3, 3), 7, np.uint8))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and zlib.decompress(png[41:-12]) == b"\x00" + bytes([7] * 9) + b"\x00" + bytes([7] * 9)
+
+
+def test_completion_logprobs_match_the_training_loss():
+    model = tiny().eval()
+    frames, times, audio = batch()
+    comps = [model.completion_ids(c) for c in CAPTIONS]
+    with torch.no_grad():
+        lp, mask = model.completion_logprobs(frames, times, audio, comps)
+        rendered = [model.render(c) for c in CAPTIONS]
+        out = model(frames, times, audio, [r[0] for r in rendered], [r[1] for r in rendered])
+    assert mask.sum().item() == out["n_tokens"] and mask[0].sum() == len(comps[0])
+    assert torch.allclose(-(lp * mask).sum() / mask.sum(), out["ce"], atol=1e-5)  # same tokens, same numbers
+    with torch.no_grad():
+        hot, _ = model.completion_logprobs(frames, times, audio, comps, temperature=2.0)
+    assert not torch.allclose(hot, lp)

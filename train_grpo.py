@@ -1,0 +1,167 @@
+""""GRPO" on the AV captioner with AVoCaDO's rewards R = R_C + R_D + R_L, starting from an SFT checkpoint.
+
+    python train_grpo.py --init out/sft --steps 100
+    python train_grpo.py --init out/sft --weights 1,1,0 --out out/grpo_nolen   # without the length reward
+
+Each step: G samples per clip from the KV-cache sampler (temperature T), rewards from the clip's
+checklist and dialogue, group-normalised advantages, then the clipped-surrogate loss plus beta * k3
+KL to the reference (the same model with its LoRA disabled: no second copy) over the sampled tokens,
+scored with the same temperature. What is simplified (see avnano/grpo.py): one optimisation step per
+batch of samples, so the ratio is 1 and the clip never fires; the loss starts near 0 by design.
+Watch reward, the zero-spread fraction (groups that carry no signal) and caption length instead.
+"""
+import argparse
+import os
+import re
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from avnano import checkpoint, lora
+from avnano.data import ClipStore, Loader, read_manifest
+from avnano.evaluate import eval_split
+from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
+from avnano.model import AVCaptioner
+from avnano.rewards import total_reward
+from train_sft import data_args, ensure_toy_world, lr_at, make_optimizer, opt_args, run_args, setup_distributed
+
+SPEECH = re.compile(r"speaker (\w+) says \"([^\"]*)\"")
+
+
+def add_lora(model, args):
+    """A fresh LoRA on the decoder (recorded in the config, so checkpoints reload with it)."""
+    if model.cfg.lora_r == 0:
+        model.cfg.lora_r, model.cfg.lora_alpha = args.lora_r, args.lora_alpha
+        lora.inject(model.decoder, model.cfg.lora_targets, args.lora_r, args.lora_alpha)
+    model.set_trainable({"lora"})
+
+
+def sync_grads(model, world):
+    """Average gradients over ranks (the loss is computed outside DDP's forward)."""
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def rewards_for(texts, rows, args):
+    out = []
+    for text, row in zip(texts, rows):
+        said = SPEECH.findall(text)
+        gt = [(d["speaker"], d["text"]) for d in row.get("dialogue", [])]
+        out.append(total_reward(text, row.get("checklist", []), said, gt, args.max_words, args.weights))
+    return out
+
+
+def held_out(model, store, args):
+    """Greedy captions on the held-out split: the exact metrics plus the mean of each reward."""
+    metrics, texts = eval_split(model, store, args.eval_n)
+    scored = rewards_for([t or "" for t in texts], store.rows[:len(texts)], args)
+    metrics.update(reward=sum(s[0] for s in scored) / len(scored), words=sum(len((t or "").split()) for t in texts) / len(texts),
+                   **{k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")})
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_args(p)
+    opt_args(p, steps=100, lr=5e-4, batch=4)
+    run_args(p, out="out/grpo")
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--init", default="out/sft", help="SFT checkpoint to start from")
+    g.add_argument("--group", type=int, default=8, help="samples per clip G")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
+    g.add_argument("--beta", type=float, default=0.04, help="k3 KL weight (0 skips the reference pass)")
+    g.add_argument("--eps", type=float, default=0.2, help="clip range (low side)")
+    g.add_argument("--eps-high", type=float, default=None, help="separate high clip (DAPO); default = --eps")
+    g.add_argument("--norm", default="grpo", choices=["grpo", "bnpo", "dapo", "dr_grpo"], help="loss normalisation")
+    g.add_argument("--scale", default="std", choices=["std", "none"], help="advantage scaling (none = Dr. GRPO)")
+    g.add_argument("--weights", type=lambda s: tuple(float(x) for x in s.split(",")), default=(1.0, 1.0, 1.0),
+                   help="weights of R_C,R_D,R_L")
+    g.add_argument("--max-words", type=int, default=0, help="R_L budget L_max (0 = 95th percentile of training captions)")
+    g.add_argument("--max-new-tokens", type=int, default=160, help="sampling length cap")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank trained by GRPO")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha")
+    args = p.parse_args()
+    rank, world, device = setup_distributed(args.device)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    ensure_toy_world(args, rank)
+    rows, test_rows = read_manifest(os.path.join(args.data, "train.jsonl")), read_manifest(os.path.join(args.data, "test.jsonl"))
+    if not args.max_words:
+        lengths = sorted(len(r["caption"].split()) for r in rows)
+        args.max_words = lengths[int(0.95 * (len(lengths) - 1))]
+    torch.manual_seed(args.seed + rank)
+    model = AVCaptioner.load(checkpoint.resume_path(args.out) if args.resume else args.init, device=device)
+    add_lora(model, args)
+    optimizer = make_optimizer(model, args)
+    state = {"step": 0, "epoch": 0, "batch": 0}
+    if args.resume:
+        state = checkpoint.load_state(checkpoint.resume_path(args.out), optimizer)
+    cfg = model.cfg
+    store = ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
+    test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
+    loader = Loader(store, args.batch_size, args.seed, rank, world)
+    stream = loader.iterate(state["epoch"], state["batch"])
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank + state["step"])
+    log(f"GRPO from {args.init}: G={args.group}, T={args.temperature}, beta={args.beta}, norm={args.norm}, "
+        f"weights={args.weights}, L_max={args.max_words} words; trainable {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    if rank == 0:
+        log("before: " + held_out(model, test_store, args))
+    bar = tqdm(total=args.steps, initial=state["step"], desc="grpo", disable=rank != 0, leave=False)
+    while state["step"] < args.steps:
+        t0 = time.perf_counter()
+        epoch, batch, items = next(stream)
+        state["epoch"], state["batch"] = (epoch, batch + 1) if batch + 1 < loader.batches_per_epoch else (epoch + 1, 0)
+        if not items:
+            continue
+        G = args.group
+        frames = [it[1] for it in items for _ in range(G)]
+        times = [it[2] for it in items for _ in range(G)]
+        audio = [it[3] for it in items for _ in range(G)]
+        model.eval()
+        texts, ids = model.generate(frames, times, audio, return_ids=True, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, generator=gen)
+        mask = completion_mask(ids, model.tok.eos_ids)
+        completions = [row[:int(m.sum())] for row, m in zip(ids.tolist(), mask)]
+        scored = rewards_for(texts, [it[0] for it in items for _ in range(G)], args)
+        r = torch.tensor([s[0] for s in scored], device=device).view(-1, G)
+        adv = group_advantages(r, args.scale).view(-1)
+        model.train()
+        logp, cmask = model.completion_logprobs(frames, times, audio, completions, args.temperature)
+        ref = None
+        if args.beta > 0:
+            with torch.no_grad(), lora.disabled(model):
+                ref, _ = model.completion_logprobs(frames, times, audio, completions, args.temperature)
+        loss = grpo_loss(logp, logp.detach(), ref, adv, cmask, args.beta, args.eps, args.eps_high, args.norm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(model, world)
+        lr = lr_at(state["step"], args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+        state["step"] += 1
+        parts = {k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")}
+        kl = (kl_k3(logp.detach(), ref) * cmask).sum() / cmask.sum() if ref is not None else torch.zeros(())
+        log(f"step={state['step']} loss={loss.item():.4f} reward={r.mean().item():.4f} r_c={parts['r_c']:.4f} "
+            f"r_d={parts['r_d']:.4f} r_l={parts['r_l']:.4f} zero_spread={(r.std(-1) == 0).float().mean().item():.3f} "
+            f"kl={kl.item():.4f} len={cmask.sum(-1).mean().item():.1f} lr={lr:.2e} grad_norm={float(grad_norm):.3f} "
+            f"step_s={time.perf_counter() - t0:.2f}")
+        bar.update(1)
+        if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
+            checkpoint.save(args.out, model, optimizer, dict(state, args=vars(args)))
+        if args.stop_after and state["step"] >= args.stop_after:
+            return
+    bar.close()
+    if rank == 0:
+        log("after: " + held_out(model, test_store, args))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
