@@ -135,8 +135,8 @@ def rebirth(model, store, args, log, test_store):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_args(p)
-    opt_args(p, steps=0, lr=5e-4, batch=8)
-    run_args(p, out="out/dpo")
+    opt_args(p, steps=None, lr=5e-4, batch=8)
+    run_args(p, out="out/dpo", loop_flags=())
     g = p.add_argument_group("DPO")
     g.add_argument("--init", default="out/sft", help="SFT checkpoint (the pre-DPO model)")
     g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "cdpo", "ipo"], help="DPO variant")

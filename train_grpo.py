@@ -68,8 +68,8 @@ def held_out(model, store, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_args(p)
-    opt_args(p, steps=100, lr=5e-4, batch=4)
-    run_args(p, out="out/grpo")
+    opt_args(p, steps=100, lr=5e-4, batch=4, warmup=10)
+    run_args(p, out="out/grpo", loop_flags=("--save-every", "--stop-after"))
     g = p.add_argument_group("GRPO")
     g.add_argument("--init", default="out/sft", help="SFT checkpoint to start from")
     g.add_argument("--group", type=int, default=8, help="samples per clip G")

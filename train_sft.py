@@ -57,30 +57,38 @@ def data_args(p):
     g.add_argument("--no-cache", action="store_true", help="decode clips every time instead of keeping them in memory")
 
 
-def opt_args(p, steps=750, lr=2e-3, batch=16):
+def opt_args(p, steps=750, lr=2e-3, batch=16, warmup=50):
+    """steps=None: the script has no step schedule of its own (DPO trains per round on its pairs)."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    if steps is not None:
+        g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+        g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+        g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+        g.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
     g.add_argument("--batch-size", type=int, default=batch, help="clips per micro-batch per rank")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     g.add_argument("--seed", type=int, default=0, help="model init and data order")
 
 
-def run_args(p, out="out/sft"):
+LOOP_FLAGS = {
+    "--save-every": dict(type=int, default=200, help="checkpoint every N steps"),
+    "--eval-every": dict(type=int, default=0, help="evaluate every N steps (0 = only at the end)"),
+    "--compile": dict(action="store_true", help="torch.compile the decoder"),
+    "--peak-flops": dict(type=float, default=989e12, help="accelerator bf16 peak for MFU (H100: 989e12)"),
+    "--stop-after": dict(type=int, default=0, help="exit right after this step (tests: simulate a kill)"),
+}
+
+
+def run_args(p, out="out/sft", loop_flags=tuple(LOOP_FLAGS)):
     g = p.add_argument_group("run")
     g.add_argument("--out", default=out, help="checkpoint directory")
     g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint (model, optimizer, RNG, data position)")
-    g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--eval-n", type=int, default=200, help="held-out clips to evaluate")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    g.add_argument("--peak-flops", type=float, default=989e12, help="accelerator bf16 peak for MFU (H100: 989e12)")
-    g.add_argument("--stop-after", type=int, default=0, help="exit right after this step (tests: simulate a kill)")
+    for flag in loop_flags:
+        g.add_argument(flag, **LOOP_FLAGS[flag])
 
 
 def setup_distributed(device):
