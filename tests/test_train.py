@@ -97,3 +97,19 @@ def test_grpo_runs_and_reports_its_signals(world, sft_ckpt, tmp_path):
     assert [s[0] for s in steps] == ["1", "2"]
     assert abs(float(steps[0][1])) < 1e-3 and float(steps[0][4]) == 0.0  # ratio 1 and policy == reference at step 1
     assert "before:" in log and "after:" in log
+
+
+def test_sample_captions_any_file(world, sft_ckpt, tmp_path):
+    import numpy as np
+    import soundfile
+
+    from avnano.media import write_clip
+    clip = os.path.join(world, "clips", "test_000000.mp4")
+    silent, wav = str(tmp_path / "silent.webm"), str(tmp_path / "speech.wav")
+    write_clip(silent, (np.random.default_rng(0).random((8, 64, 64, 3)) * 255).astype(np.uint8), fps=4, vcodec="libvpx")
+    soundfile.write(wav, 0.1 * np.sin(np.arange(32000) / 10), 16000)
+    for path, note in ((clip, None), (silent, "no audio stream"), (wav, "no video stream")):
+        log = run_script("sample.py", ["--ckpt", sft_ckpt, "--video", path, "--max-new-tokens", "12"])
+        assert log.strip() and (note is None or note in log)
+    log = run_script("sample.py", ["--ckpt", sft_ckpt, "--video", clip, "--max-new-tokens", "12", "--num-beams", "3"])
+    assert log.strip()
