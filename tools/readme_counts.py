@@ -16,4 +16,4 @@ for line in tree.splitlines():
         width = len(m[3]) + len(m[4])
         line = f"{m[1]}{m[2]}{str(sum(1 for _ in open(path))).rjust(width)}{m[5]}"
     lines.append(line)
-open(os.path.join(ROOT, "README.md"), "w").write(head + "## Files" + pre + "```" + "\n".join(lines) + "```" + post)
+open(os.path.join(ROOT, "README.md"), "w").write(head + "## Files" + pre + "```" + "\n".join(lines) + "\n```" + post)
