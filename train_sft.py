@@ -62,7 +62,6 @@ def opt_args(p, steps=750, lr=2e-3, batch=16, warmup=50):
     g = p.add_argument_group("optimisation")
     if steps is not None:
         g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-        g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
         g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
         g.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
     g.add_argument("--batch-size", type=int, default=batch, help="clips per micro-batch per rank")
@@ -156,6 +155,7 @@ def main():
     opt_args(p)
     run_args(p)
     p.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     args = p.parse_args()
     rank, world, device = setup_distributed(args.device)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
