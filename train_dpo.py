@@ -15,7 +15,6 @@ phrase, any sentence outside the grammar) are dropped, and the *pre-DPO* model i
 the rest. Every step logs loss, chosen/rejected implicit rewards, margin and pair accuracy.
 """
 import argparse
-import os
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
-from avnano.data import ClipStore, read_manifest
+from avnano.data import ClipStore, read_splits
 from avnano.dpo import dpo_loss, guided_dpo_loss, select_pairs
 from avnano.evaluate import caption_clips, eval_split
 from avnano.metrics import evaluate, repetition_rate
@@ -160,7 +159,7 @@ def main():
     args = p.parse_args()
     log = lambda *a: print(*a, flush=True)
     ensure_toy_world(args, 0)
-    rows, test_rows = read_manifest(os.path.join(args.data, "train.jsonl")), read_manifest(os.path.join(args.data, "test.jsonl"))
+    rows, test_rows = read_splits(args.data)
     torch.manual_seed(args.seed)
     start = 0
     if args.resume:  # round-level resume: the checkpoint holds the merged model after its last round

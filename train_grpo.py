@@ -11,7 +11,6 @@ batch of samples, so the ratio is 1 and the clip never fires; the loss starts ne
 Watch reward, the zero-spread fraction (groups that carry no signal) and caption length instead.
 """
 import argparse
-import os
 import re
 import time
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
-from avnano.data import ClipStore, Loader, read_manifest
+from avnano.data import ClipStore, Loader, read_splits
 from avnano.evaluate import eval_split
 from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
 from avnano.model import AVCaptioner
@@ -89,7 +88,7 @@ def main():
     rank, world, device = setup_distributed(args.device)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     ensure_toy_world(args, rank)
-    rows, test_rows = read_manifest(os.path.join(args.data, "train.jsonl")), read_manifest(os.path.join(args.data, "test.jsonl"))
+    rows, test_rows = read_splits(args.data)
     if not args.max_words:
         lengths = sorted(len(r["caption"].split()) for r in rows)
         args.max_words = lengths[int(0.95 * (len(lengths) - 1))]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from avnano import checkpoint, toyworld
-from avnano.data import ClipStore, Loader, read_manifest
+from avnano.data import ClipStore, Loader, read_splits
 from avnano.evaluate import eval_split
 from avnano.model import AVCaptioner, preset
 from avnano.tokenizer import Tokenizer
@@ -160,7 +160,7 @@ def main():
     rank, world, device = setup_distributed(args.device)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     ensure_toy_world(args, rank)
-    train_rows, test_rows = read_manifest(os.path.join(args.data, "train.jsonl")), read_manifest(os.path.join(args.data, "test.jsonl"))
+    train_rows, test_rows = read_splits(args.data)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "history": []}
     if args.resume:

@@ -23,6 +23,11 @@ import torch
 from .media import MediaError, load_clip
 
 
+def read_splits(root):
+    """(train rows, held-out rows) from root/train.jsonl and root/test.jsonl."""
+    return read_manifest(os.path.join(root, "train.jsonl")), read_manifest(os.path.join(root, "test.jsonl"))
+
+
 def read_manifest(path):
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
