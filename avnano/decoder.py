@@ -67,24 +67,30 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for every layer: (B, n_kv_heads, max_len, head_dim) each.
 
-    `pos` is the number of filled slots (the same for every sequence: left padding keeps batches
-    aligned). Attention layers write their new keys at [pos, pos+T) and read [0, pos+T); the model
-    advances `pos` once all layers have run.
+    Static shapes (the gpt-fast recipe): a forward of T tokens writes its keys at slots
+    pos .. pos+T-1 with index_copy_, and attention reads the whole buffer, with a mask hiding the slots
+    not written yet. `pos` is a 0-d tensor (filled slots, the same for every sequence: left padding
+    keeps batches aligned), so a decode step has one shape from the first token to the last and
+    torch.compile traces it once.
     """
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.pos = 0
+        self.max_len = max_len
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = None
+
+    def reserve(self, T):
+        """Slots (T,) the next T tokens write to; the decoder advances `pos` after its last layer."""
+        self.slots = self.pos + torch.arange(T, device=self.pos.device)
+        return self.slots
 
     def update(self, layer, k, v):
-        end = self.pos + k.shape[2]
-        if end > self.k[layer].shape[2]:
-            raise ValueError(f"KV cache full: need {end} slots, have {self.k[layer].shape[2]}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]
 
     def reorder(self, index):
         """Beam search: keep the rows named by `index` (B',) for every layer."""
@@ -111,11 +117,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # mask None means "exactly causal": the fused is_causal path, or no mask at all for one new
-        # token (it may see every cached key). Anything else must come as an explicit boolean mask.
-        is_causal = mask is None and T > 1
-        if is_causal and k.shape[2] != T:
-            raise ValueError("a multi-token step over a non-empty cache needs an explicit mask")
+        is_causal = mask is None  # exactly causal, no cache: the fused is_causal path
         # enable_gqa: each kv head serves its group of query heads without materialising repeated copies
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
@@ -168,14 +170,20 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, mask=None, cache=None,
                 last_only=False, return_hidden=False):
-        """input_ids (B, T) or inputs_embeds (B, T, dim); positions (B, T) ints (default 0..T-1 after
-        the cache); mask: None (= causal) or bool (B or 1, 1, T, S) with True = may attend, where S is
-        the number of cached + new keys. last_only: logits of the final position only (prefill)."""
+        """input_ids (B, T) or inputs_embeds (B, T, dim); positions (B, T) ints (default: the slots);
+        mask: None (= causal) or bool (B or 1, 1, T, S) with True = may attend. With a cache, keys are
+        its slots: S may stop at the last slot written (the rest is masked) or span all max_len.
+        last_only: logits of the final position only (prefill)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        if cache is not None:
+            slots = cache.reserve(T)
+            if mask is None:  # causal over every slot written so far
+                mask = (torch.arange(cache.max_len, device=x.device) <= slots[:, None])[None, None]
+            elif mask.shape[-1] < cache.max_len:
+                mask = F.pad(mask, (0, cache.max_len - mask.shape[-1]), value=False)
         if positions is None:
-            start = cache.pos if cache is not None else 0
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            positions = (slots if cache is not None else torch.arange(T, device=x.device)).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_linear_factor, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)

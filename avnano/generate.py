@@ -53,10 +53,10 @@ def _prefill(model, input_ids, inputs_embeds, attention_mask, positions, prefill
 
 
 def _step(model, ids, cache, valid, pos):
-    """Feed one new token per row; returns its logits (B, V)."""
-    S = cache.pos + 1
-    mask = None if valid[:, :S].all() else masks.for_sdpa(masks.key_padding(valid[:, :S]))
-    return model(input_ids=ids[:, None], positions=pos[:, None], mask=mask, cache=cache)[:, -1]
+    """Feed one new token per row; returns its logits (B, V). The mask spans the whole cache (real
+    tokens up to and including this one), so every step has the same shapes."""
+    keys = valid & (torch.arange(valid.shape[1], device=valid.device) <= cache.pos)
+    return model(input_ids=ids[:, None], positions=pos[:, None], mask=keys[:, None, None], cache=cache)[:, -1]
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ class AVCaptioner(nn.Module):
         self.vit = vit or ViT(cfg.vit)
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
-        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.dim, D)
+        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim, D)
         self.audio_aligner = make_aligner(cfg.audio_aligner, cfg.audio.dim, D, window=cfg.window,
                                           n_queries=cfg.n_queries, frames_per_second=TOKENS_PER_SECOND) \
             if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)

@@ -7,8 +7,9 @@ One class, two families, chosen by `ViTConfig.family`:
 - CLIP (Radford et al. 2021): conv without bias, a class token, a pre-LayerNorm ("pre_layrnorm" in the
   released files), quick-GELU, LN eps 1e-5, post-LayerNorm on the class token only.
 `patch_tokens()` is what the captioner's aligner consumes: the per-patch outputs (class token
-dropped), optionally average-pooled 2x2 to cut the tokens per frame by four (a simplification of the
-2x2 *concatenating* merge of Qwen2-VL: pooling keeps the width, so aligners do not change size).
+dropped), optionally merged Qwen2-VL style: each m x m group of neighbouring patches becomes one token
+of width m*m*dim (concatenated, not averaged, so where inside the group a thing sits survives), which
+cuts the tokens per frame by m*m; the aligner maps the wide token to the decoder width.
 """
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class ViTConfig:
     n_heads: int = 12
     hidden_dim: int = 3072
     map_head: bool = False   # SigLIP's attention-pooling head
-    merge: int = 1           # 2: average-pool 2x2 neighbouring patch tokens
+    merge: int = 1           # m > 1: concatenate each m x m group of patch tokens into one
 
     def __post_init__(self):
         assert self.family in ("siglip", "clip"), f"unknown ViT family {self.family!r}"
@@ -49,6 +50,10 @@ class ViTConfig:
     @property
     def tokens_per_frame(self):
         return (self.grid // self.merge) ** 2
+
+    @property
+    def token_dim(self):
+        return self.dim * self.merge ** 2
 
 
 class MAPHead(nn.Module):
@@ -109,14 +114,14 @@ class ViT(nn.Module):
         return x, self.post_norm(x[:, 0])
 
     def patch_tokens(self, pixel_values):
-        """(B, 3, S, S) -> (B, tokens_per_frame, D): patch outputs for the aligner, optionally 2x2-pooled."""
+        """(B, 3, S, S) -> (B, tokens_per_frame, token_dim): patch outputs for the aligner, m x m merged."""
         x, _ = self.forward(pixel_values)
         if self.cls is not None:
             x = x[:, 1:]
-        if self.cfg.merge > 1:
-            B, T, D = x.shape
-            g = self.cfg.grid
-            x = F.avg_pool2d(x.transpose(1, 2).reshape(B, D, g, g), self.cfg.merge).flatten(2).transpose(1, 2)
+        m, g = self.cfg.merge, self.cfg.grid
+        if m > 1:  # (B, g*g, D) -> (B, g/m, m, g/m, m, D) -> groups of m x m, row-major inside a group
+            B, _, D = x.shape
+            x = x.reshape(B, g // m, m, g // m, m, D).transpose(2, 3).reshape(B, (g // m) ** 2, m * m * D)
         return x
 
 

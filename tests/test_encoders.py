@@ -70,7 +70,7 @@ def test_vit_matches_transformers(tmp_path, kind, full, dtype, tol):
     assert tokens.shape == (2, 16, 32)
 
 
-def test_vit_merge_pools_2x2(tmp_path):
+def test_vit_merge_concatenates_2x2(tmp_path):
     m, _ = vit_reference("siglip", False)
     m.save_pretrained(tmp_path)
     plain, merged = load_vit(str(tmp_path)), load_vit(str(tmp_path), merge=2)
@@ -78,9 +78,11 @@ def test_vit_merge_pools_2x2(tmp_path):
     with torch.no_grad():
         t, tm = plain.patch_tokens(x), merged.patch_tokens(x)
     grid = t.view(1, 4, 4, 32)
-    assert tm.shape == (1, 4, 32)
-    assert torch.allclose(tm[0, 0], grid[0, :2, :2].mean((0, 1)), atol=1e-6)
-    assert torch.allclose(tm[0, 3], grid[0, 2:, 2:].mean((0, 1)), atol=1e-6)
+    assert tm.shape == (1, 4, 4 * 32) and merged.cfg.token_dim == 4 * 32
+    # token (R, C) holds patches (2R + r, 2C + c) for r, c in 0..1, row-major inside the group
+    for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        want = torch.cat([grid[0, 2 * R + r, 2 * C + c] for r in range(2) for c in range(2)])
+        assert torch.equal(tm[0, 2 * R + C], want)
 
 
 def synthetic_audio(seconds=3.0, seed=0):
