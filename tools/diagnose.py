@@ -1,0 +1,117 @@
+"""What a toy-world checkpoint has learned: held-out CE per word class, an AV-swap test, an audio probe.
+
+    python tools/diagnose.py out/sft [--data data/toyworld] [--clips 96]
+
+1. Teacher-forced held-out CE split by the class of the target word (colour, shape, sound, speaker,
+   spoken word, time digits, other): which parts of a caption the model predicts, against chance.
+2. Training CE with each clip's own AV block, with the next clip's, and with blank frames/audio:
+   if swapping barely hurts, the decoder ignores the AV block.
+3. A linear probe on the aligned audio tokens (time embedding not added) for the sound class and
+   the speaker: do the encoders carry the identity the decoder has to read?
+"""
+import argparse
+import collections
+import math
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from avnano.data import ClipStore, read_splits  # noqa: E402
+from avnano.model import AVCaptioner  # noqa: E402
+from avnano.toyworld import COLOURS, SHAPES, SOUNDS, WORDS  # noqa: E402
+
+CLASSES = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, **{w: "spoken word" for w in WORDS},
+           **{s.split()[0]: "sound" for s in SOUNDS}, "A": "speaker", "B": "speaker"}
+CHANCE = {"colour": len(COLOURS), "shape": len(SHAPES), "sound": len(SOUNDS), "speaker": 2, "spoken word": len(WORDS)}
+
+
+def batches(store, n, size=16):
+    for s in range(0, n, size):
+        idx = list(range(s, min(n, s + size)))
+        yield idx, [store.get(i) for i in idx]
+
+
+@torch.no_grad()
+def ce_by_class(model, store, n):
+    agg = collections.defaultdict(lambda: [0.0, 0])
+    for idx, clips in batches(store, n):
+        ids, masks = zip(*(model.render(store.rows[i]["caption"]) for i in idx))
+        blocks, _ = model.av_block(*zip(*clips))
+        x, pos, is_av, valid, labels = model.assemble(blocks, ids, masks)
+        logits = model.decoder(inputs_embeds=x, positions=pos, mask=model.attention_mask(is_av, valid))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
+        for b, t in (labels != -100).nonzero().tolist():
+            word = model.tok.decode([int(labels[b, t])]).strip()
+            cls = "time digits" if re.fullmatch(r"[\d.]+", word) else CLASSES.get(word, "other")
+            agg[cls][0] += ce[b, t].item()
+            agg[cls][1] += 1
+    for cls, (total, count) in sorted(agg.items()):
+        chance = f" (chance ln {CHANCE[cls]} = {math.log(CHANCE[cls]):.2f})" if cls in CHANCE else ""
+        print(f"  {cls:>12}: {total / count:.3f} nats over {count} tokens{chance}")
+
+
+@torch.no_grad()
+def swap_test(model, store, n):
+    idx, clips = next(batches(store, n, size=n))
+    ids, masks = zip(*(model.render(store.rows[i]["caption"]) for i in idx))
+    frames, times, audio = map(list, zip(*clips))
+    roll = lambda xs: xs[1:] + xs[:1]
+    for name, f, t, a in (("own AV block", frames, times, audio), ("next clip's AV block", roll(frames), roll(times), roll(audio)),
+                          ("blank frames and audio", [x * 0 for x in frames], times, [x * 0 for x in audio])):
+        print(f"  {name:>24}: CE {model(f, t, a, ids, masks)['ce'].item():.3f}")
+
+
+@torch.no_grad()
+def audio_probe(model, store, n, seed=0):
+    X, Y = [], []
+    for i in range(n):
+        clip = store.get(i)
+        if clip is None:
+            continue
+        (tokens, times), = model.encode_audio([clip[2]])
+        for e in store.rows[i]["events"]:
+            if e["type"] in ("audio", "speech"):
+                end = e["end"] if e["type"] == "audio" else e["start"] + 0.5
+                sel = (times >= e["start"]) & (times < end)
+                label = SOUNDS.index(e["sound"]) if e["type"] == "audio" else len(SOUNDS) + "AB".index(e["speaker"])
+                X.append(tokens[sel])
+                Y += [label] * int(sel.sum())
+    X, Y = torch.cat(X), torch.tensor(Y)
+    X = (X - X.mean(0)) / (X.std(0) + 1e-5)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    X, Y, cut = X[perm], Y[perm], int(0.8 * len(X))
+    probe = torch.nn.Linear(X.shape[1], len(SOUNDS) + 2)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(300):
+            opt.zero_grad()
+            F.cross_entropy(probe(X[:cut]), Y[:cut]).backward()
+            opt.step()
+    acc = (probe(X[cut:]).argmax(-1) == Y[cut:]).float().mean().item()
+    print(f"  held-out probe accuracy {acc:.3f} on {len(X) - cut} tokens (majority class {torch.bincount(Y).max().item() / len(Y):.3f})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="an avnano checkpoint directory (train_sft.py --out)")
+    p.add_argument("--data", default="data/toyworld", help="toy world with train.jsonl / test.jsonl")
+    p.add_argument("--clips", type=int, default=96, help="clips per measurement")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = AVCaptioner.load(args.ckpt).eval()
+    cfg = model.cfg
+    train, test = (ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size) for rows in read_splits(args.data))
+    print("held-out CE by word class:")
+    ce_by_class(model, test, args.clips)
+    print("training CE, own vs swapped vs blank AV block:")
+    swap_test(model, train, min(args.clips, 32))
+    print("linear probe on aligned audio tokens (5 sounds + 2 speakers):")
+    audio_probe(model, train, 4 * args.clips)
+
+
+if __name__ == "__main__":
+    main()
