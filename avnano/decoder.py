@@ -83,7 +83,9 @@ class KVCache:
         self.slots = None
 
     def reserve(self, T):
-        """Slots (T,) the next T tokens write to; the decoder advances `pos` after its last layer."""
+        """Slots (T,) the next T tokens write to; the decoder advances `pos` after its last layer.
+        The overflow check is asynchronous: no host sync, so decoding stays launch-ahead on a GPU."""
+        torch._assert_async(self.pos + T <= self.max_len, f"KV cache full: {T} new tokens do not fit its {self.max_len} slots")
         self.slots = self.pos + torch.arange(T, device=self.pos.device)
         return self.slots
 

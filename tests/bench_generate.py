@@ -56,7 +56,7 @@ def main():
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours = ours_fp32.to(device=args.device, dtype=dtype)
-        if args.compile:
+        if args.compile:  # one graph per (batch, dtype, prefill/decode): more than the default limit of 8
             torch._dynamo.config.cache_size_limit = 64
             ours = torch.compile(ours, dynamic=False)
         ref = hf.to(device=args.device, dtype=dtype)

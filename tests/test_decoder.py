@@ -213,3 +213,11 @@ def test_sharded_checkpoint_loads(tmp_path):
     ours = load_decoder(str(tmp_path))
     ids = torch.randint(3, 97, (1, 5))
     assert (hf(ids).logits - ours(ids)).abs().max() <= 1e-5
+
+
+def test_kv_cache_overflow_is_named():
+    model = small_model()
+    cache = model.new_cache(1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)

@@ -30,9 +30,11 @@ CHANCE = {"colour": len(COLOURS), "shape": len(SHAPES), "sound": len(SOUNDS), "s
 
 
 def batches(store, n, size=16):
+    """(indices, clips) of the first n clips, bad clips (store.get -> None) left out."""
     for s in range(0, n, size):
-        idx = list(range(s, min(n, s + size)))
-        yield idx, [store.get(i) for i in idx]
+        good = [(i, c) for i in range(s, min(n, s + size)) if (c := store.get(i)) is not None]
+        if good:
+            yield [i for i, _ in good], [c for _, c in good]
 
 
 @torch.no_grad()
