@@ -57,7 +57,7 @@ def data_args(p):
     g.add_argument("--no-cache", action="store_true", help="decode clips every time instead of keeping them in memory")
 
 
-def opt_args(p, steps=900, lr=2e-3, batch=16, warmup=50):
+def opt_args(p, steps=1100, lr=2e-3, batch=16, warmup=50):
     """steps=None: the script has no step schedule of its own (DPO trains per round on its pairs)."""
     g = p.add_argument_group("optimisation")
     if steps is not None:
@@ -103,7 +103,13 @@ def setup_distributed(device):
 
 
 def ensure_toy_world(args, rank):
-    if os.path.exists(os.path.join(args.data, "train.jsonl")):
+    manifest = os.path.join(args.data, "train.jsonl")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            first = json.loads(f.readline())["caption"]
+        if any(e["type"] == "unparsed" for e in toyworld.parse(first)):
+            sys.exit(f"{manifest}: captions are not in the current toy-world grammar (built by an older avnano?); "
+                     f"delete {args.data} to rebuild it")
         return
     if args.data != "data/toyworld":
         sys.exit(f"{args.data}: no train.jsonl (only the default --data directory is generated automatically)")

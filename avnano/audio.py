@@ -6,12 +6,15 @@ every 160 samples (10 ms), last STFT frame dropped, power spectrum, slaney-norma
 (80 or 128 bins, 0-8 kHz), log10 clamped at 1e-10, floored at max - 8, then (x + 4) / 4.
 Encoder: conv(k3, s1) -> GELU -> conv(k3, s2) -> GELU -> + stored positions -> pre-LN blocks (exact
 GELU, k_proj without bias) -> final LayerNorm; the stride-2 conv halves 100 mel frames/s to 50 tokens/s.
+Departure (off by default, `pool`): from-scratch presets average-pool those 50 tokens/s before the
+blocks (the toy world: 4 -> 12.5/s), since the aligner keeps only 2 tokens/s anyway.
 Two modes:
 - exact: pad / trim to 30 s (3000 mel frames, 1500 tokens), what released Whisper weights expect;
 - native: no padding; the position table is sliced to the clip's length. Cheaper for short clips and
   what the toy world uses. Departure: released Whisper never saw unpadded input, so its features
   differ from exact mode's near the end of the clip (and the max-8 floor sees only the clip).
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,6 +61,12 @@ def mel_filters(n_mels=80, n_fft=N_FFT, sample_rate=SAMPLE_RATE, f_max=8000.0):
     return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))
 
 
+@functools.lru_cache(maxsize=8)
+def _filters(n_mels, device):
+    """mel_filters as a torch tensor, built once per (n_mels, device): log_mel runs every step."""
+    return torch.from_numpy(mel_filters(n_mels)).to(device, torch.float32)
+
+
 def log_mel(audio, n_mels=80, exact=True, seconds=CHUNK_SECONDS):
     """audio: float (samples,) or (B, samples) at 16 kHz -> (B, n_mels, frames).
     exact=True pads / trims to `seconds` first (Whisper: 30 s, 3000 frames); else frames = samples // HOP."""
@@ -69,8 +78,8 @@ def log_mel(audio, n_mels=80, exact=True, seconds=CHUNK_SECONDS):
         audio = F.pad(audio, (0, max(0, n - audio.shape[-1])))[:, :n]
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP, window=window, return_complex=True)  # centre + reflect padding
-    power = stft[..., :-1].abs() ** 2
-    filters = torch.from_numpy(mel_filters(n_mels)).to(audio.device, torch.float32)
+    power = torch.view_as_real(stft[..., :-1]).pow(2).sum(-1)  # |X|^2 without a square root
+    filters = _filters(n_mels, audio.device)
     mel = filters.T @ power
     log_spec = mel.clamp(min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
@@ -86,10 +95,19 @@ class AudioConfig:
     hidden_dim: int = 1536
     max_positions: int = 1500    # encoder tokens (30 s at 50 tokens/s)
     exact: bool = False          # True: pad/trim to 30 s as released Whisper expects
+    pool: int = 1                # > 1: average-pool the conv stem's tokens by this before the blocks
+
+    @property
+    def tokens_per_second(self):
+        return TOKENS_PER_SECOND / self.pool
 
     @property
     def max_seconds(self):
-        return self.max_positions / TOKENS_PER_SECOND
+        return self.max_positions / self.tokens_per_second
+
+    def n_tokens(self, mel_frames):
+        """Encoder tokens for this many mel frames: stride-2 conv, then the pooling (partial windows count)."""
+        return -(-(-(-mel_frames // 2)) // self.pool)
 
 
 def sinusoids(length, channels, max_timescale=10000):
@@ -114,7 +132,10 @@ class AudioEncoder(nn.Module):
     def forward(self, mel, mask=None):
         """mel (B, n_mels, frames) -> (B, ceil(frames / 2), dim). mask: optional key mask for padded batches."""
         x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = F.gelu(self.conv2(x))
+        if self.cfg.pool > 1:
+            x = F.avg_pool1d(x, self.cfg.pool, ceil_mode=True)
+        x = x.transpose(1, 2)
         T = x.shape[1]
         if T > self.cfg.max_positions:
             raise ValueError(f"audio of {T} encoder tokens exceeds the position table ({self.cfg.max_positions}); "

@@ -48,6 +48,7 @@ class WindowQFormer(nn.Module):
         super().__init__()
         self.window, self.n_queries, self.n_heads = window, n_queries, n_heads
         self.frames_per_window = max(1, round(window * frames_per_second))
+        self.seconds_per_window = self.frames_per_window / frames_per_second  # window, rounded to whole frames
         self.queries = nn.Parameter(torch.randn(n_queries, d_in) * 0.02)
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(d_in), nn.LayerNorm(d_in), nn.LayerNorm(d_in)
         self.attn = nn.MultiheadAttention(d_in, n_heads, batch_first=True)
@@ -70,7 +71,7 @@ class WindowQFormer(nn.Module):
         kv = self.norm_kv(windows)
         h = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=key_pad, need_weights=False)[0]
         h = h + self.mlp(self.norm_mlp(h))
-        times = (torch.arange(nw, device=x.device) * self.window).repeat_interleave(self.n_queries)
+        times = (torch.arange(nw, device=x.device) * self.seconds_per_window).repeat_interleave(self.n_queries)
         return self.out(h.reshape(nw * self.n_queries, D)), times.float()
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import lora, masks
-from .audio import SAMPLE_RATE, TOKENS_PER_SECOND, AudioConfig, AudioEncoder, log_mel
+from .audio import SAMPLE_RATE, AudioConfig, AudioEncoder, log_mel
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
 from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, interleave, make_aligner, time_positions
@@ -75,7 +75,7 @@ class AVConfig:
 PRESETS = {
     # CPU-sized: tests and the toy world on a laptop
     "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=16, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=4),
-                 audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=1500),
+                 audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=300, pool=5),
                  decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
     # one-GPU sized
     "small": dict(vit=dict(family="siglip", image_size=64, patch_size=8, dim=192, n_layers=4, n_heads=6, hidden_dim=768, merge=2),
@@ -105,7 +105,7 @@ class AVCaptioner(nn.Module):
         self.decoder = decoder or Decoder(cfg.decoder)
         self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim, D)
         self.audio_aligner = make_aligner(cfg.audio_aligner, cfg.audio.dim, D, window=cfg.window,
-                                          n_queries=cfg.n_queries, frames_per_second=TOKENS_PER_SECOND) \
+                                          n_queries=cfg.n_queries, frames_per_second=cfg.audio.tokens_per_second) \
             if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
         self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
         self.time_embed = TimeEmbedding(D) if cfg.time_embed else None
@@ -137,10 +137,10 @@ class AVCaptioner(nn.Module):
                 pieces.append((c, s, wav[start:start + seg_samples]))
         mels = [log_mel(w.float(), self.cfg.audio.n_mels, self.cfg.audio.exact, self.cfg.audio.max_seconds)[0]
                 for _, _, w in pieces]
-        lengths = [max(1, -(-(len(w) // 160) // 2)) for _, _, w in pieces]  # encoder tokens of real audio
+        lengths = [max(1, self.cfg.audio.n_tokens(len(w) // 160)) for _, _, w in pieces]  # encoder tokens of real audio
         T = max(m.shape[-1] for m in mels)
         mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
-        n_tok = -(-T // 2)
+        n_tok = self.cfg.audio.n_tokens(T)
         valid = torch.arange(n_tok, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         # native mode masks the batch padding; exact mode attends over its 30 s padding as Whisper was trained
         key_mask = None if self.cfg.audio.exact else masks.for_sdpa(masks.key_padding(valid).expand(-1, n_tok, -1))
@@ -151,7 +151,7 @@ class AVCaptioner(nn.Module):
             if isinstance(self.audio_aligner, WindowQFormer):
                 tok, times = self.audio_aligner(h)
             else:
-                tok, times = self.audio_aligner(h), torch.arange(n, device=self.device).float() / TOKENS_PER_SECOND
+                tok, times = self.audio_aligner(h), torch.arange(n, device=self.device).float() / self.cfg.audio.tokens_per_second
             out[c].append((self.segment_embed(tok, s), times + s * self.cfg.audio.max_seconds))
         return [(torch.cat([t for t, _ in o]), torch.cat([x for _, x in o])) for o in out]
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from avnano.audio import log_mel, mel_filters
+import torch.nn.functional as F
+
+from avnano.audio import AudioConfig, AudioEncoder, log_mel, mel_filters
 from avnano.weights import load_audio_encoder, load_vit
 
 transformers = pytest.importorskip("transformers")
@@ -140,3 +142,15 @@ def test_whisper_loader_names_bad_keys(tmp_path):
     assert "unexpected key model.encoder.layers.0.self_attn.k_proj.bias" in str(e.value)
     assert "missing key model.encoder.layer_norm.bias" in str(e.value)
     assert "decoder" not in str(e.value)  # the decoder half is skipped by name, not reported
+
+
+def test_audio_pool_averages_stem_tokens():
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioConfig(n_mels=80, dim=16, n_layers=0, n_heads=2, hidden_dim=32, max_positions=40, pool=5)).eval()
+    assert enc.cfg.tokens_per_second == 10 and enc.cfg.max_seconds == 4.0 and enc.cfg.n_tokens(199) == 20 and enc.cfg.n_tokens(181) == 19
+    mel = torch.randn(1, 80, 200)  # 100 stem tokens -> 20 pooled
+    with torch.no_grad():
+        stem = F.gelu(enc.conv2(F.gelu(enc.conv1(mel))))[0].T  # (100, 16)
+        want = enc.norm(stem.view(20, 5, 16).mean(1) + enc.pos_embed[:20])
+        assert torch.allclose(enc(mel)[0], want, atol=1e-6)
+        assert enc(mel[..., :190]).shape[1] == 19  # a partial window still makes a token

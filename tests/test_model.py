@@ -95,7 +95,7 @@ def test_config_switches_run(kw):
 
 def test_audio_longer_than_t_max_is_segmented():
     model = tiny()
-    model.cfg.audio.max_positions = 50  # t_max = 1 s of encoder positions
+    model.cfg.audio.max_positions = round(model.cfg.audio.tokens_per_second)  # t_max = 1 s of encoder positions
     blocks = model.encode_audio([torch.randn(int(2.6 * 16000))])
     tokens, times = blocks[0]
     assert len(tokens) == 2 + 2 + 2  # three segments (1 s, 1 s, 0.6 s) of 0.5 s windows
