@@ -57,7 +57,7 @@ def data_args(p):
     g.add_argument("--no-cache", action="store_true", help="decode clips every time instead of keeping them in memory")
 
 
-def opt_args(p, steps=1100, lr=2e-3, batch=16, warmup=50):
+def opt_args(p, steps=1500, lr=2e-3, batch=16, warmup=50):
     """steps=None: the script has no step schedule of its own (DPO trains per round on its pairs)."""
     g = p.add_argument_group("optimisation")
     if steps is not None:

@@ -9,14 +9,10 @@ AAC, so training decodes it like any real video. It holds 1-4 events that overla
   av      two shapes each bounce once; only one bounce comes with a knock, and the caption names
           that shape: neither stream alone tells which (the AV events of DESIGN.md §7);
   speech  speaker A or B (two espeak-ng voices) says 1-2 words from a 24-word vocabulary.
-Captions list one sentence per event in time order, times at 0.5 s resolution, each sentence *led*
-by its timestamp (as Vid2Seq emits time tokens before the event text):
-  at 1.0 s a red circle appears.              from 0.5 to 3.0 s a blue square moves left.
-  from 2.0 to 3.5 s a high tone plays.        at 4.0 s the green triangle knocks.
-  at 5.5 s speaker A says "tiger piano".
-Time first lets a decoder commit to *when* (which the clock embedding of the AV tokens gives it
-directly) and then read *what* from the tokens at that time; with the time at the end, it must pick
-the earliest event before it may name it.
+Captions list one sentence per event in time order, times at 0.5 s resolution:
+  a red circle appears at 1.0 s.            a blue square moves left from 0.5 to 3.0 s.
+  a high tone plays from 2.0 to 3.5 s.      the green triangle knocks at 4.0 s.
+  speaker A says "tiger piano" at 5.5 s.
 `parse()` recovers the events from any text; a sentence outside the grammar becomes an "unparsed"
 event (counted as a hallucination by the metrics, never a crash). The held-out split draws from
 colour-shape combinations that training never shows (HELD_OUT). Pseudo-untrimmed clips (AVicuna's
@@ -54,14 +50,14 @@ def fmt(t):
 def sentence(e):
     if e["type"] == "visual":
         if e["motion"] in POINT_MOTIONS:
-            return f"at {fmt(e['start'])} s a {e['colour']} {e['shape']} {e['motion']}."
-        return f"from {fmt(e['start'])} to {fmt(e['end'])} s a {e['colour']} {e['shape']} {e['motion']}."
+            return f"a {e['colour']} {e['shape']} {e['motion']} at {fmt(e['start'])} s."
+        return f"a {e['colour']} {e['shape']} {e['motion']} from {fmt(e['start'])} to {fmt(e['end'])} s."
     if e["type"] == "audio":
-        return f"from {fmt(e['start'])} to {fmt(e['end'])} s a {e['sound']} plays."
+        return f"a {e['sound']} plays from {fmt(e['start'])} to {fmt(e['end'])} s."
     if e["type"] == "av":
-        return f"at {fmt(e['start'])} s the {e['colour']} {e['shape']} knocks."
+        return f"the {e['colour']} {e['shape']} knocks at {fmt(e['start'])} s."
     if e["type"] == "speech":
-        return f"at {fmt(e['start'])} s speaker {e['speaker']} says \"{e['text']}\"."
+        return f"speaker {e['speaker']} says \"{e['text']}\" at {fmt(e['start'])} s."
     raise ValueError(f"unknown event type {e['type']!r}")
 
 
@@ -79,16 +75,16 @@ def caption(events):
 
 _C, _S, _T = "|".join(COLOURS), "|".join(SHAPES), r"(\d+(?:\.\d+)?)"
 PATTERNS = [
-    (re.compile(rf"at {_T} s an? ({_C}) ({_S}) (appears|disappears)\."),
-     lambda m: dict(type="visual", colour=m[2], shape=m[3], motion=m[4], start=float(m[1]), end=float(m[1]))),
-    (re.compile(rf"from {_T} to {_T} s an? ({_C}) ({_S}) (moves (?:left|right|up|down))\."),
-     lambda m: dict(type="visual", colour=m[3], shape=m[4], motion=m[5], start=float(m[1]), end=float(m[2]))),
-    (re.compile(rf"from {_T} to {_T} s an? ({'|'.join(SOUNDS)}) plays\."),
-     lambda m: dict(type="audio", sound=m[3], start=float(m[1]), end=float(m[2]))),
-    (re.compile(rf"at {_T} s the ({_C}) ({_S}) knocks\."),
-     lambda m: dict(type="av", colour=m[2], shape=m[3], start=float(m[1]), end=float(m[1]))),
-    (re.compile(rf"at {_T} s speaker ({'|'.join(SPEAKERS)}) says \"([^\"]*)\"\."),
-     lambda m: dict(type="speech", speaker=m[2], text=m[3].strip(), start=float(m[1]), end=float(m[1]))),
+    (re.compile(rf"an? ({_C}) ({_S}) (appears|disappears) at {_T} s\."),
+     lambda m: dict(type="visual", colour=m[1], shape=m[2], motion=m[3], start=float(m[4]), end=float(m[4]))),
+    (re.compile(rf"an? ({_C}) ({_S}) (moves (?:left|right|up|down)) from {_T} to {_T} s\."),
+     lambda m: dict(type="visual", colour=m[1], shape=m[2], motion=m[3], start=float(m[4]), end=float(m[5]))),
+    (re.compile(rf"an? ({'|'.join(SOUNDS)}) plays from {_T} to {_T} s\."),
+     lambda m: dict(type="audio", sound=m[1], start=float(m[2]), end=float(m[3]))),
+    (re.compile(rf"the ({_C}) ({_S}) knocks at {_T} s\."),
+     lambda m: dict(type="av", colour=m[1], shape=m[2], start=float(m[3]), end=float(m[3]))),
+    (re.compile(rf"speaker ({'|'.join(SPEAKERS)}) says \"([^\"]*)\" at {_T} s\."),
+     lambda m: dict(type="speech", speaker=m[1], text=m[2].strip(), start=float(m[3]), end=float(m[3]))),
 ]
 
 

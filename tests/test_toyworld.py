@@ -56,7 +56,7 @@ def test_richness_and_held_out_split():
 
 
 def test_parser_tolerates_garbage():
-    events = tw.parse("at 1.0 s a red circle appears. the the the blue. at 2.0 s speaker C says \"x\". ")
+    events = tw.parse("a red circle appears at 1.0 s. the the the blue. speaker C says \"x\" at 2.0 s. ")
     assert [e["type"] for e in events] == ["visual", "unparsed", "unparsed"]
     assert tw.parse("") == [] and tw.parse("....") == [{"type": "unparsed", "text": "....", "start": -1.0, "end": -1.0}]
 
@@ -73,7 +73,7 @@ def test_metrics_hand_made_cases():
     assert perfect["dialogue_acc"] == 1.0 and perfect["mean_tiou"] == 1.0 and perfect["repetition"] == 0.0
     dropped = evaluate([tw.caption(GT[1:])], [GT], tw.parse)  # one of four events missing
     assert dropped["miss"] == 0.25 and dropped["hall"] == 0.0 and dropped["recall"] == 0.75 and dropped["precision"] == 1.0
-    invented = tw.caption(GT) + " at 6.0 s a green triangle disappears. gibberish here."
+    invented = tw.caption(GT) + " a green triangle disappears at 6.0 s. gibberish here."
     m = evaluate([invented], [GT], tw.parse)
     assert m["miss"] == 0.0 and m["hall"] == 2 / 4 and m["total"] == 0.5
     wrong = [dict(GT[1], sound="low tone"), dict(GT[0], start=2.0, end=2.0), dict(GT[2], text="tiger apple")]
