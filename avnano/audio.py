@@ -7,7 +7,7 @@ every 160 samples (10 ms), last STFT frame dropped, power spectrum, slaney-norma
 Encoder: conv(k3, s1) -> GELU -> conv(k3, s2) -> GELU -> + stored positions -> pre-LN blocks (exact
 GELU, k_proj without bias) -> final LayerNorm; the stride-2 conv halves 100 mel frames/s to 50 tokens/s.
 Departure (off by default, `pool`): from-scratch presets average-pool those 50 tokens/s before the
-blocks (the toy world: 4 -> 12.5/s), since the aligner keeps only 2 tokens/s anyway.
+blocks (the tiny preset: 5 -> 10 tokens/s), since the aligner keeps only 2 tokens/s anyway.
 Two modes:
 - exact: pad / trim to 30 s (3000 mel frames, 1500 tokens), what released Whisper weights expect;
 - native: no padding; the position table is sliced to the clip's length. Cheaper for short clips and
@@ -107,7 +107,8 @@ class AudioConfig:
 
     def n_tokens(self, mel_frames):
         """Encoder tokens for this many mel frames: stride-2 conv, then the pooling (partial windows count)."""
-        return -(-(-(-mel_frames // 2)) // self.pool)
+        stem = -(-mel_frames // 2)
+        return -(-stem // self.pool)
 
 
 def sinusoids(length, channels, max_timescale=10000):
@@ -130,7 +131,7 @@ class AudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-5)
 
     def forward(self, mel, mask=None):
-        """mel (B, n_mels, frames) -> (B, ceil(frames / 2), dim). mask: optional key mask for padded batches."""
+        """mel (B, n_mels, frames) -> (B, cfg.n_tokens(frames), dim). mask: optional key mask for padded batches."""
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x))
         if self.cfg.pool > 1:

@@ -46,7 +46,7 @@ class WindowQFormer(nn.Module):
 
     def __init__(self, d_in, d_out, window=0.5, n_queries=1, frames_per_second=50, n_heads=4):
         super().__init__()
-        self.window, self.n_queries, self.n_heads = window, n_queries, n_heads
+        self.n_queries, self.n_heads = n_queries, n_heads
         self.frames_per_window = max(1, round(window * frames_per_second))
         self.seconds_per_window = self.frames_per_window / frames_per_second  # window, rounded to whole frames
         self.queries = nn.Parameter(torch.randn(n_queries, d_in) * 0.02)
