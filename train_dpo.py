@@ -3,6 +3,7 @@ multi-round DPO with a fresh LoRA proxy each round, and rebirth tuning.
 
     python train_dpo.py --init out/sft --rounds 1                          # DPO, one round
     python train_dpo.py --init out/sft --rounds 3 --guided --rebirth-clips 1000   # gDPO mrDPO + rebirth
+    torchrun --nproc_per_node 2 train_dpo.py --init out/sft --rounds 3 --guided   # DDP: ranks share sampling and batches
 
 Each round: sample --samples captions per clip (temperature T) from the current model, score every
 sample with the exact metrics against the clip's events (Miss, Hall, Total, repetition), keep a
@@ -19,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
@@ -29,8 +31,8 @@ from avnano.metrics import evaluate, repetition_rate
 from avnano.model import AVCaptioner
 from avnano.rewards import checklist_reward
 from avnano.toyworld import parse
-from train_grpo import add_lora
-from train_sft import data_args, ensure_toy_world, make_optimizer, opt_args, run_args
+from train_grpo import add_lora, sync_grads
+from train_sft import data_args, ensure_toy_world, make_optimizer, opt_args, rank_weight_diff, run_args, setup_distributed
 
 
 def parse_thresholds(text):
@@ -51,73 +53,97 @@ def held_out(model, store, n, log, tag):
     return metrics
 
 
-def logprob_sums(model, clips, completions):
-    lp, mask = model.completion_logprobs(*clips, completions)
+def logprob_sums(model, blocks, completions):
+    lp, mask = model.completion_logprobs(blocks, completions)
     return (lp * mask).sum(-1), mask.sum(-1)
 
 
-def train_round(model, store, pairs, args, log, rnd):
+def mean_over_ranks(values, world):
+    """Average a list of floats over the ranks (logged statistics), unchanged when world == 1."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t.tolist()
+
+
+def train_round(model, store, pairs, args, log, rnd, world, rank):
+    """Epochs over the round's pairs; a global batch is batch_size pairs per rank, gradients averaged."""
     optimizer = make_optimizer(model, args)  # fresh state: the proxy LoRA is a new set of weights
     order = np.random.default_rng(args.seed + rnd).permutation(len(pairs))
-    steps = 0
+    B, steps = args.batch_size, 0
     for epoch in range(args.epochs):
-        for s in range(0, len(order) - args.batch_size + 1, args.batch_size):
+        for s in range(0, len(order) - B * world + 1, B * world):
             t0 = time.perf_counter()
-            batch = [pairs[i] for i in order[s:s + args.batch_size]]
+            batch = [pairs[i] for i in order[s + rank * B:s + (rank + 1) * B]]
             got = [store.get(i) for i, _, _ in batch]
-            clips = tuple([g[k] for g in got] for k in range(3))
-            chosen = [model.completion_ids(c) for _, c, _ in batch]
-            rejected = [model.completion_ids(r) for _, _, r in batch]
-            pi_c, n_c = logprob_sums(model, clips, chosen)
-            pi_r, n_r = logprob_sums(model, clips, rejected)
+            with torch.no_grad():  # only the LoRA trains: each clip is encoded once for all its sequences
+                blocks = model.av_block(*([g[k] for g in got] for k in range(3)))[0]
+            pair_ids = [model.completion_ids(c) for _, c, _ in batch] + [model.completion_ids(r) for _, _, r in batch]
+            pi, n = logprob_sums(model, blocks * 2, pair_ids)  # chosen rows, then rejected rows
             with torch.no_grad(), lora.disabled(model):
-                ref_c, _ = logprob_sums(model, clips, chosen)
-                ref_r, _ = logprob_sums(model, clips, rejected)
-            loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, args.beta, args.loss, args.eps, n_c, n_r)
+                ref, _ = logprob_sums(model, blocks * 2, pair_ids)
+            loss, rc, rr = dpo_loss(pi[:B], pi[B:], ref[:B], ref[B:], args.beta, args.loss, args.eps, n[:B], n[B:])
             total = loss.mean()
             if args.guided:  # gDPO: CE on the ground-truth caption, a third sequence
-                gt_sum, gt_n = logprob_sums(model, clips, [model.completion_ids(store.rows[i]["caption"]) for i, _, _ in batch])
+                gt_sum, gt_n = logprob_sums(model, blocks, [model.completion_ids(store.rows[i]["caption"]) for i, _, _ in batch])
                 total = guided_dpo_loss(loss, gt_sum, gt_n, args.lam)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            sync_grads(model, world)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
             optimizer.step()
             steps += 1
-            log(f"round={rnd + 1} epoch={epoch + 1} step={steps} loss={total.item():.4f} chosen_reward={rc.mean().item():.4f} "
-                f"rejected_reward={rr.mean().item():.4f} margin={(rc - rr).mean().item():.4f} "
-                f"accuracy={(rc > rr).float().mean().item():.3f} step_s={time.perf_counter() - t0:.2f}")
+            stats = mean_over_ranks([total.item(), rc.mean().item(), rr.mean().item(), (rc > rr).float().mean().item()], world)
+            log(f"round={rnd + 1} epoch={epoch + 1} step={steps} loss={stats[0]:.4f} chosen_reward={stats[1]:.4f} "
+                f"rejected_reward={stats[2]:.4f} margin={stats[1] - stats[2]:.4f} accuracy={stats[3]:.3f} "
+                f"step_s={time.perf_counter() - t0:.2f}")
     return optimizer
 
 
-def build_pairs(model, store, clips, args, rnd, log):
-    gen = torch.Generator(model.device).manual_seed(args.seed * 7919 + rnd)
-    scored = [[] for _ in clips]
-    for s in tqdm(range(0, len(clips), args.batch_size), desc=f"sampling round {rnd + 1}", leave=False):
-        chunk = clips[s:s + args.batch_size]
-        got = [(k, store.get(i)) for k, i in enumerate(chunk, start=s)]
+def gather(items, world):
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if world == 1:
+        return items
+    out = [None] * world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def build_pairs(model, store, clips, args, rnd, log, world, rank):
+    """Each rank samples its share of the clips; the kept pairs are gathered so every rank trains on the same list."""
+    gen = torch.Generator(model.device).manual_seed(args.seed * 7919 + rnd * 101 + rank)
+    mine = clips[rank::world]
+    scored = [[] for _ in mine]
+    for s in tqdm(range(0, len(mine), args.batch_size), desc=f"sampling round {rnd + 1}", leave=False, disable=rank != 0):
+        got = [(k, store.get(i)) for k, i in enumerate(mine[s:s + args.batch_size], start=s)]
         got = [(k, g) for k, g in got if g is not None]
-        reps = [(k, g) for k, g in got for _ in range(args.samples)]
-        texts = model.generate([g[0] for _, g in reps], [g[1] for _, g in reps], [g[2] for _, g in reps],
+        with torch.no_grad():
+            blocks = model.av_block(*([g[j] for _, g in got] for j in range(3)))[0]
+        texts = model.generate(None, None, None, blocks=[b for b in blocks for _ in range(args.samples)],
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=gen)
-        for (k, _), text in zip(reps, texts):
-            scored[k].append((text, sample_metrics(text, store.rows[clips[k]])))
+        for (k, _), text in zip([x for x in got for _ in range(args.samples)], texts):
+            scored[k].append((text, sample_metrics(text, store.rows[mine[k]])))
     thresholds = parse_thresholds(args.thresholds if rnd == 0 else args.later_thresholds)
-    pairs = [(clips[k], c, r) for k, c, r in select_pairs(scored, thresholds)]
+    pairs = gather([(mine[k], c, r) for k, c, r in select_pairs(scored, thresholds)], world)
     log(f"round={rnd + 1} sampled {len(clips)} clips x {args.samples}; kept {len(pairs)} pairs with thresholds {thresholds}")
     return pairs
 
 
-def rebirth(model, store, args, log, test_store):
+def rebirth(model, store, args, log, test_store, world, rank):
     """Label clips with the final model, drop unnatural captions, fine-tune the pre-DPO model on the rest."""
-    idx = np.random.default_rng(args.seed + 99).permutation(len(store.rows))[:args.rebirth_clips].tolist()
+    idx = np.random.default_rng(args.seed + 99).permutation(len(store.rows))[:args.rebirth_clips].tolist()[rank::world]
     texts = caption_clips(model, store, idx, args.batch_size, max_new_tokens=args.max_new_tokens)
-    keep = [(i, t) for i, t in zip(idx, texts)
-            if t and repetition_rate(t) == 0 and all(e["type"] != "unparsed" for e in parse(t))]
-    log(f"rebirth: kept {len(keep)} of {len(idx)} self-labelled captions")
+    keep = gather([(i, t) for i, t in zip(idx, texts)
+                   if t and repetition_rate(t) == 0 and all(e["type"] != "unparsed" for e in parse(t))], world)
+    log(f"rebirth: kept {len(keep)} of {min(args.rebirth_clips, len(store.rows))} self-labelled captions")
+    if not keep:
+        log("rebirth: skipped (no self-labelled caption passed the filter)")
+        return model
     base = AVCaptioner.load(args.init, device=model.device)
     base.set_trainable({"aligners", "decoder", "lora"})
     optimizer = make_optimizer(base, argparse.Namespace(**{**vars(args), "lr": args.rebirth_lr}))
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed + rank)  # each rank draws its own batch; gradients are averaged
     for step in range(args.rebirth_steps):
         batch = [keep[j] for j in rng.choice(len(keep), size=min(args.batch_size, len(keep)), replace=False)]
         got = [store.get(i) for i, _ in batch]
@@ -125,10 +151,13 @@ def rebirth(model, store, args, log, test_store):
         out = base([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], ids, masks)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        sync_grads(base, world)
         optimizer.step()
-        log(f"rebirth step={step + 1} loss={out['loss'].item():.4f}")
-    held_out(base, test_store, args.eval_n, log, "after rebirth")
-    base.save(args.out + "_rebirth")
+        log(f"rebirth step={step + 1} loss={mean_over_ranks([out['loss'].item()], world)[0]:.4f}")
+    if rank == 0:
+        held_out(base, test_store, args.eval_n, log, "after rebirth")
+        base.save(args.out + "_rebirth")
+    return base
 
 
 def main():
@@ -157,32 +186,39 @@ def main():
     g.add_argument("--rebirth-steps", type=int, default=200, help="SFT steps of rebirth tuning")
     g.add_argument("--rebirth-lr", type=float, default=5e-4, help="rebirth tuning learning rate")
     args = p.parse_args()
-    log = lambda *a: print(*a, flush=True)
-    ensure_toy_world(args, 0)
+    rank, world, device = setup_distributed(args.device)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    ensure_toy_world(args, rank)
     rows, test_rows = read_splits(args.data)
     torch.manual_seed(args.seed)
     start = 0
     if args.resume:  # round-level resume: the checkpoint holds the merged model after its last round
         path = checkpoint.resume_path(args.out)
-        model = AVCaptioner.load(path, device=args.device)
+        model = AVCaptioner.load(path, device=device)
         start = checkpoint.load_state(path, make_optimizer(model, args))["round"]
         log(f"resumed after round {start}")
     else:
-        model = AVCaptioner.load(args.init, device=args.device)
+        model = AVCaptioner.load(args.init, device=device)
     add_lora(model, args)
     cfg = model.cfg
     store, test_store = (ClipStore(r, cfg.fps, cfg.max_frames, cfg.vit.image_size) for r in (rows, test_rows))
-    held_out(model, test_store, args.eval_n, log, "before")
+    if rank == 0:
+        held_out(model, test_store, args.eval_n, log, "before")
     order = np.random.default_rng(args.seed).permutation(len(rows)).tolist()
     for rnd in range(start, args.rounds):
         clips = order[(rnd * args.clips_per_round) % len(rows):][:args.clips_per_round]
-        pairs = build_pairs(model, store, clips, args, rnd, log)
-        optimizer = train_round(model, store, pairs, args, log, rnd) if len(pairs) >= args.batch_size else make_optimizer(model, args)
+        pairs = build_pairs(model, store, clips, args, rnd, log, world, rank)
+        optimizer = train_round(model, store, pairs, args, log, rnd, world, rank) \
+            if len(pairs) >= args.batch_size * world else make_optimizer(model, args)
         lora.new_proxy(model)  # merge; the merged model is the next reference; a fresh proxy LoRA trains next
-        held_out(model, test_store, args.eval_n, log, f"after round {rnd + 1}")
-        checkpoint.save(args.out, model, optimizer, {"round": rnd + 1, "args": vars(args)})
+        if rank == 0:
+            held_out(model, test_store, args.eval_n, log, f"after round {rnd + 1}")
+            checkpoint.save(args.out, model, optimizer, {"round": rnd + 1, "args": vars(args)})
     if args.rebirth_clips:
-        rebirth(model, store, args, log, test_store)
+        model = rebirth(model, store, args, log, test_store, world, rank)
+    if dist.is_initialized():
+        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

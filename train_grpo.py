@@ -2,6 +2,7 @@
 
     python train_grpo.py --init out/sft --steps 100
     python train_grpo.py --init out/sft --weights 1,1,0 --out out/grpo_nolen   # without the length reward
+    torchrun --nproc_per_node 2 train_grpo.py --init out/sft                     # DDP: gradients averaged
 
 Each step: G samples per clip from the KV-cache sampler (temperature T), rewards from the clip's
 checklist and dialogue, group-normalised advantages, then the clipped-surrogate loss plus beta * k3
@@ -24,7 +25,8 @@ from avnano.evaluate import eval_split
 from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
 from avnano.model import AVCaptioner
 from avnano.rewards import total_reward
-from train_sft import data_args, ensure_toy_world, lr_at, make_optimizer, opt_args, run_args, setup_distributed
+from train_sft import (data_args, ensure_toy_world, lr_at, make_optimizer, opt_args, rank_weight_diff, run_args,
+                       setup_distributed)
 
 SPEECH = re.compile(r"speaker (\w+) says \"([^\"]*)\"")
 
@@ -92,7 +94,7 @@ def main():
     if not args.max_words:
         lengths = sorted(len(r["caption"].split()) for r in rows)
         args.max_words = lengths[int(0.95 * (len(lengths) - 1))]
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank; sampling draws from each rank's own generator
     model = AVCaptioner.load(checkpoint.resume_path(args.out) if args.resume else args.init, device=device)
     add_lora(model, args)
     optimizer = make_optimizer(model, args)
@@ -117,11 +119,10 @@ def main():
         if not items:
             continue
         G = args.group
-        frames = [it[1] for it in items for _ in range(G)]
-        times = [it[2] for it in items for _ in range(G)]
-        audio = [it[3] for it in items for _ in range(G)]
+        with torch.no_grad():  # only the LoRA trains: encode each clip once, share it across its G samples
+            blocks = [b for b in model.av_block(*([it[k] for it in items] for k in (1, 2, 3)))[0] for _ in range(G)]
         model.eval()
-        texts, ids = model.generate(frames, times, audio, return_ids=True, max_new_tokens=args.max_new_tokens,
+        texts, ids = model.generate(None, None, None, blocks=blocks, return_ids=True, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, generator=gen)
         mask = completion_mask(ids, model.tok.eos_ids)
         completions = [row[:int(m.sum())] for row, m in zip(ids.tolist(), mask)]
@@ -129,11 +130,11 @@ def main():
         r = torch.tensor([s[0] for s in scored], device=device).view(-1, G)
         adv = group_advantages(r, args.scale).view(-1)
         model.train()
-        logp, cmask = model.completion_logprobs(frames, times, audio, completions, args.temperature)
+        logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
         ref = None
         if args.beta > 0:
             with torch.no_grad(), lora.disabled(model):
-                ref, _ = model.completion_logprobs(frames, times, audio, completions, args.temperature)
+                ref, _ = model.completion_logprobs(blocks, completions, args.temperature)
         loss = grpo_loss(logp, logp.detach(), ref, adv, cmask, args.beta, args.eps, args.eps_high, args.norm)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,6 +160,7 @@ def main():
     if rank == 0:
         log("after: " + held_out(model, test_store, args))
     if dist.is_initialized():
+        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
         dist.destroy_process_group()
 
 

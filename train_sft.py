@@ -106,10 +106,10 @@ def ensure_toy_world(args, rank):
     manifest = os.path.join(args.data, "train.jsonl")
     if os.path.exists(manifest):
         with open(manifest) as f:
-            first = json.loads(f.readline())["caption"]
-        if any(e["type"] == "unparsed" for e in toyworld.parse(first)):
-            sys.exit(f"{manifest}: captions are not in the current toy-world grammar (built by an older avnano?); "
-                     f"delete {args.data} to rebuild it")
+            first = json.loads(f.readline())
+        if "events" in first and first.get("world") != toyworld.VERSION:  # a toy world made by other code
+            sys.exit(f"{manifest}: toy world version {first.get('world', 1)}, this avnano makes version "
+                     f"{toyworld.VERSION} (rendering or caption grammar changed); delete {args.data} to rebuild it")
         return
     if args.data != "data/toyworld":
         sys.exit(f"{args.data}: no train.jsonl (only the default --data directory is generated automatically)")

@@ -246,11 +246,11 @@ class AVCaptioner(nn.Module):
             out.update(hidden=h, is_av=A)
         return out
 
-    def completion_logprobs(self, frames, frame_times, audio, completions, temperature=1.0, prompt=None):
-        """Log-probs of given completion token ids (a list per clip, EOS included) after the AV prompt,
-        with logits divided by `temperature` exactly as when sampling. Returns (B, T) log-probs and
-        the (B, T) float mask of real completion tokens (rows right-padded)."""
-        blocks, _ = self.av_block(frames, frame_times, audio)
+    def completion_logprobs(self, blocks, completions, temperature=1.0, prompt=None):
+        """Log-probs of given completion token ids (a list per AV block, EOS included) after the AV
+        prompt, with logits divided by `temperature` exactly as when sampling. `blocks` come from
+        av_block(): post-training encodes each clip once and scores every sequence on it. Returns
+        (B, T) log-probs and the (B, T) float mask of real completion tokens (rows right-padded)."""
         prompt_ids = self.render(prompt=prompt)[0]
         ids = [prompt_ids + list(c) for c in completions]
         loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
@@ -270,9 +270,10 @@ class AVCaptioner(nn.Module):
         return [i for i, m in zip(ids, mask) if m]
 
     @torch.no_grad()
-    def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, **sampling):
-        """Captions (list of str) for a batch of clips; sampling kwargs as avnano.generate.generate."""
-        blocks, _ = self.av_block(frames, frame_times, audio)
+    def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, blocks=None, **sampling):
+        """Captions (list of str) for a batch of clips, or for already encoded `blocks` (then frames,
+        frame_times and audio are ignored); sampling kwargs as avnano.generate.generate."""
+        blocks = blocks if blocks is not None else self.av_block(frames, frame_times, audio)[0]
         ids = [self.render(prompt=prompt)[0] for _ in blocks]
         X, P, A, V, _ = self.assemble(blocks, ids, left_pad=True)
         prefill = masks.av_prefix(A) if self.cfg.mask == "prefix" else None

@@ -28,6 +28,7 @@ from multiprocessing import Pool
 import numpy as np
 import soundfile
 
+VERSION = 2  # bump when rendering or grammar change: manifests record it, train_sft.py refuses old worlds
 SIZE, VIDEO_FPS, SAMPLE_RATE = 64, 8, 16000
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 240), "yellow": (235, 215, 40)}
@@ -247,9 +248,8 @@ def render_frames(events, duration):
             a = 0.0 if t1 <= t0 else float(np.clip((t - t0) / (t1 - t0), 0, 1))
             x = o["xy0"][0] + a * (o["xy1"][0] - o["xy0"][0])
             y = o["xy0"][1] + a * (o["xy1"][1] - o["xy0"][1])
-            for b in o["bounces"]:  # a drop of 8 px and back within +-0.35 s of the bounce
-                if abs(t - b) < 0.35:
-                    y += 8 * (1 - abs(t - b) / 0.35)
+            for b in o["bounces"]:  # down 10 px for +-0.3 s around the bounce, eased back by +-0.5 s: any
+                y += 10 * min(1.0, max(0.0, (0.5 - abs(t - b)) / 0.2))  # frame sampled at >= 1.6 fps sees it
             frames[i][_shape_mask(o["shape"], x, y)] = COLOURS[o["colour"]]
     return frames
 
@@ -309,7 +309,7 @@ def write_one(args):
     write_clip(os.path.join(root, rel), render_frames(events, duration), fps=VIDEO_FPS,
                audio=render_audio(events, duration, seed), sample_rate=SAMPLE_RATE)
     pub = [public(e) for e in events]
-    return dict(video=rel, split=split, duration=duration, caption=caption(events), events=pub, pseudo_untrimmed=pu,
+    return dict(video=rel, world=VERSION, split=split, duration=duration, caption=caption(events), events=pub, pseudo_untrimmed=pu,
                 checklist=[sentence(e) for e in pub],
                 dialogue=[dict(speaker=e["speaker"], text=e["text"]) for e in sorted(pub, key=lambda e: e["start"])
                           if e["type"] == "speech"])

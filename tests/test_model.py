@@ -161,11 +161,15 @@ def test_completion_logprobs_match_the_training_loss():
     frames, times, audio = batch()
     comps = [model.completion_ids(c) for c in CAPTIONS]
     with torch.no_grad():
-        lp, mask = model.completion_logprobs(frames, times, audio, comps)
+        blocks = model.av_block(frames, times, audio)[0]
+        lp, mask = model.completion_logprobs(blocks, comps)
         rendered = [model.render(c) for c in CAPTIONS]
         out = model(frames, times, audio, [r[0] for r in rendered], [r[1] for r in rendered])
     assert mask.sum().item() == out["n_tokens"] and mask[0].sum() == len(comps[0])
     assert torch.allclose(-(lp * mask).sum() / mask.sum(), out["ce"], atol=1e-5)  # same tokens, same numbers
     with torch.no_grad():
-        hot, _ = model.completion_logprobs(frames, times, audio, comps, temperature=2.0)
+        hot, _ = model.completion_logprobs(blocks, comps, temperature=2.0)
+        twice, _ = model.completion_logprobs(blocks + blocks, comps + comps)  # one encoding, many sequences
     assert not torch.allclose(hot, lp)
+    assert torch.allclose(twice[:2], lp, atol=1e-6) and torch.allclose(twice[2:], lp, atol=1e-6)
+    assert model.generate(None, None, None, blocks=blocks, max_new_tokens=6) == model.generate(frames, times, audio, max_new_tokens=6)

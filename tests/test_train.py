@@ -18,13 +18,17 @@ def world(tmp_path_factory):
     return toyworld.build(str(tmp_path_factory.mktemp("world")), 12, 2, seed=1, workers=1, progress=False)
 
 
-def run(args, nproc=1):
-    cmd = [sys.executable, "train_sft.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533", "train_sft.py"]
+def run_script(script, args, nproc=1):
+    cmd = [sys.executable, script] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533", script]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     out = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
+
+
+def run(args, nproc=1):
+    return run_script("train_sft.py", args, nproc)
 
 
 def losses(log):
@@ -64,6 +68,13 @@ def test_corrupt_clip_is_skipped_and_counted(world, tmp_path):
     assert "skipped=1" in log and "1 bad clips skipped" in log and len(losses(log)) == 6
 
 
+def test_a_toy_world_of_another_version_is_refused_by_name(world, tmp_path):
+    rows = [dict(json.loads(x), world=toyworld.VERSION - 1) for x in open(os.path.join(world, "train.jsonl"))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "train_sft.py", "--data", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and str(tmp_path / "train.jsonl") in out.stderr and "delete" in out.stderr
+
+
 @pytest.fixture(scope="module")
 def sft_ckpt(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft") / "ckpt")
@@ -71,18 +82,13 @@ def sft_ckpt(world, tmp_path_factory):
     return out
 
 
-def run_script(script, args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, script] + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout + out.stderr
+DPO_FAST = ["--clips-per-round", "4", "--samples", "2", "--batch-size", "2", "--epochs", "1", "--eval-n", "2",
+            "--thresholds", "total:0.0,repetition:-1", "--later-thresholds", "total:0.0,repetition:-1", "--max-new-tokens", "24"]
 
 
 def test_multi_round_dpo_starts_each_round_at_log2(world, sft_ckpt, tmp_path):
-    log = run_script("train_dpo.py", ["--init", sft_ckpt, "--data", world, "--rounds", "2", "--clips-per-round", "4",
-                                      "--samples", "2", "--batch-size", "2", "--epochs", "1", "--eval-n", "2", "--guided",
-                                      "--thresholds", "total:0.0,repetition:-1", "--later-thresholds", "total:0.0,repetition:-1",
-                                      "--out", str(tmp_path / "dpo"), "--max-new-tokens", "24"])
+    log = run_script("train_dpo.py", ["--init", sft_ckpt, "--data", world, "--rounds", "2", "--guided",
+                                      "--out", str(tmp_path / "dpo")] + DPO_FAST)
     firsts = re.findall(r"round=(\d) epoch=1 step=1 loss=([\d.]+) chosen_reward=([-\d.]+) rejected_reward=([-\d.]+)", log)
     assert [f[0] for f in firsts] == ["1", "2"]
     for _, _, rc, rr in firsts:  # fresh proxy: policy == reference, so both implicit rewards start at 0
@@ -97,6 +103,18 @@ def test_grpo_runs_and_reports_its_signals(world, sft_ckpt, tmp_path):
     assert [s[0] for s in steps] == ["1", "2"]
     assert abs(float(steps[0][1])) < 1e-3 and float(steps[0][4]) == 0.0  # ratio 1 and policy == reference at step 1
     assert "before:" in log and "after:" in log
+
+
+def test_two_process_dpo_and_grpo_keep_ranks_identical(world, sft_ckpt, tmp_path):
+    dpo = run_script("train_dpo.py", ["--init", sft_ckpt, "--data", world, "--rounds", "2", "--guided", "--rebirth-clips", "4",
+                                      "--rebirth-steps", "2", "--out", str(tmp_path / "dpo")] + DPO_FAST + ["--batch-size", "1"], nproc=2)
+    kept = [int(k) for k in re.findall(r"kept (\d+) pairs", dpo)]
+    assert len(kept) == 2 and "round=2 epoch=1 step=1" in dpo and "rebirth: kept" in dpo
+    assert float(re.search(r"rank_weight_max_diff=(\S+)", dpo)[1]) == 0.0
+    grpo = run_script("train_grpo.py", ["--init", sft_ckpt, "--data", world, "--steps", "2", "--batch-size", "1", "--group", "2",
+                                        "--eval-n", "2", "--max-new-tokens", "16", "--out", str(tmp_path / "grpo")], nproc=2)
+    assert re.findall(r"step=(\d+) loss=", grpo) == ["1", "2"]
+    assert float(re.search(r"rank_weight_max_diff=(\S+)", grpo)[1]) == 0.0
 
 
 def test_sample_captions_any_file(world, sft_ckpt, tmp_path):
