@@ -9,6 +9,9 @@ lambda * LAVCap OT alignment loss. The attention mask is AVCap's prefix mask M (
 bidirectional, caption causal) or plain causal, a config choice; positions are sequential or
 time-aligned (Qwen2.5-Omni style, see interleave.time_positions).
 Every switch the papers ablate is a config field, so one script can compare them.
+Departure (`visual_delta`, on in the tiny preset): the visual aligner reads [x_t, x_t - x_{t-1}], each
+frame's token next to its change since the previous frame (the motion stream of two-stream video
+networks, Simonyan & Zisserman 2014), so appear / disappear / move are visible in one token.
 """
 import json
 import os
@@ -39,6 +42,7 @@ class AVConfig:
     fps: float = 2.0                 # frame rate phi ...
     max_frames: int = 16             # ... capped at m frames (video-SALMONN 2)
     visual_aligner: str = "mlp"      # linear | mlp
+    visual_delta: bool = False       # aligner also sees each frame's change from the previous frame
     audio_aligner: str = "qformer"   # linear | mlp | qformer
     window: float = 0.5              # Q-Former window in seconds (2 audio tokens / s)
     n_queries: int = 1               # Q-Former queries per window
@@ -74,7 +78,8 @@ class AVConfig:
 
 PRESETS = {
     # CPU-sized: tests and the toy world on a laptop
-    "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=16, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=4),
+    "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=16, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=4,
+                          merge_mode="mean"), visual_delta=True,
                  audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=300, pool=5),
                  decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
     # one-GPU sized
@@ -89,7 +94,7 @@ def preset(name, vocab_size, **overrides):
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} (or AVCaptioner.from_released)")
     p = PRESETS[name]
     cfg = AVConfig(vit=ViTConfig(**p["vit"]), audio=AudioConfig(**p["audio"]),
-                   decoder=DecoderConfig(vocab_size=vocab_size, **p["decoder"]))
+                   decoder=DecoderConfig(vocab_size=vocab_size, **p["decoder"]), visual_delta=p.get("visual_delta", False))
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -103,7 +108,7 @@ class AVCaptioner(nn.Module):
         self.vit = vit or ViT(cfg.vit)
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
-        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim, D)
+        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * (2 if cfg.visual_delta else 1), D)
         self.audio_aligner = make_aligner(cfg.audio_aligner, cfg.audio.dim, D, window=cfg.window,
                                           n_queries=cfg.n_queries, frames_per_second=cfg.audio.tokens_per_second) \
             if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
@@ -120,7 +125,10 @@ class AVCaptioner(nn.Module):
         if sum(counts) == 0 or "v" not in self.cfg.modalities:
             return [torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device) for _ in counts]
         pixels = preprocess(torch.cat([f for f in frames_list if len(f)]).to(self.device), self.cfg.vit)
-        tokens = self.visual_aligner(self.vit.patch_tokens(pixels.to(self.dtype)))
+        x = self.vit.patch_tokens(pixels.to(self.dtype))
+        if self.cfg.visual_delta:  # [x_t, x_t - x_{t-1}] per clip, the first frame's change is zero
+            x = torch.cat([torch.cat([f, f - torch.cat([f[:1], f[:-1]])], -1) for f in x.split([c for c in counts if c])])
+        tokens = self.visual_aligner(x)
         return list(tokens.split(counts))
 
     def encode_audio(self, audio_list):

@@ -7,9 +7,10 @@ One class, two families, chosen by `ViTConfig.family`:
 - CLIP (Radford et al. 2021): conv without bias, a class token, a pre-LayerNorm ("pre_layrnorm" in the
   released files), quick-GELU, LN eps 1e-5, post-LayerNorm on the class token only.
 `patch_tokens()` is what the captioner's aligner consumes: the per-patch outputs (class token
-dropped), optionally merged Qwen2-VL style: each m x m group of neighbouring patches becomes one token
-of width m*m*dim (concatenated, not averaged, so where inside the group a thing sits survives), which
-cuts the tokens per frame by m*m; the aligner maps the wide token to the decoder width.
+dropped), optionally merged: each m x m group of neighbouring patches becomes one token, either
+concatenated Qwen2-VL style (width m*m*dim: where inside the group a thing sits survives) or averaged
+(width dim: the same object gives the same vector wherever it sits, which is what a caption that
+names objects but not places needs; the tiny preset's choice, measured in the README).
 """
 from dataclasses import dataclass
 
@@ -34,10 +35,12 @@ class ViTConfig:
     n_heads: int = 12
     hidden_dim: int = 3072
     map_head: bool = False   # SigLIP's attention-pooling head
-    merge: int = 1           # m > 1: concatenate each m x m group of patch tokens into one
+    merge: int = 1           # m > 1: each m x m group of patch tokens becomes one ...
+    merge_mode: str = "concat"  # ... concatenated (Qwen2-VL, keeps where) or averaged ("mean", keeps what)
 
     def __post_init__(self):
         assert self.family in ("siglip", "clip"), f"unknown ViT family {self.family!r}"
+        assert self.merge_mode in ("concat", "mean"), f"unknown merge mode {self.merge_mode!r} (concat, mean)"
 
     @property
     def eps(self):
@@ -53,7 +56,7 @@ class ViTConfig:
 
     @property
     def token_dim(self):
-        return self.dim * self.merge ** 2
+        return self.dim * (self.merge ** 2 if self.merge_mode == "concat" else 1)
 
 
 class MAPHead(nn.Module):
@@ -121,7 +124,8 @@ class ViT(nn.Module):
         m, g = self.cfg.merge, self.cfg.grid
         if m > 1:  # (B, g*g, D) -> (B, g/m, m, g/m, m, D) -> groups of m x m, row-major inside a group
             B, _, D = x.shape
-            x = x.reshape(B, g // m, m, g // m, m, D).transpose(2, 3).reshape(B, (g // m) ** 2, m * m * D)
+            x = x.reshape(B, g // m, m, g // m, m, D).transpose(2, 3).reshape(B, (g // m) ** 2, m * m, D)
+            x = x.flatten(2) if self.cfg.merge_mode == "concat" else x.mean(2)
         return x
 
 

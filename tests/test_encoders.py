@@ -85,6 +85,13 @@ def test_vit_merge_concatenates_2x2(tmp_path):
     for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         want = torch.cat([grid[0, 2 * R + r, 2 * C + c] for r in range(2) for c in range(2)])
         assert torch.equal(tm[0, 2 * R + C], want)
+    merged.cfg.merge_mode = "mean"  # averaging: the same groups, one vector of width dim each
+    with torch.no_grad():
+        tmean = merged.patch_tokens(x)
+    assert tmean.shape == (1, 4, 32)
+    for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        want = grid[0, 2 * R:2 * R + 2, 2 * C:2 * C + 2].reshape(4, 32).mean(0)
+        assert torch.allclose(tmean[0, 2 * R + C], want, atol=1e-6)
 
 
 def synthetic_audio(seconds=3.0, seed=0):

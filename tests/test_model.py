@@ -93,6 +93,24 @@ def test_config_switches_run(kw):
     out["loss"].backward()
 
 
+def test_visual_delta_feeds_each_frame_and_its_change():
+    model = tiny()
+    assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "mean"  # the tiny preset's choice
+    frames, _, _ = batch()
+    frames[0][1] = frames[0][0]  # an unchanged frame: its change half is exactly zero
+    from avnano.vit import preprocess
+    with torch.no_grad():
+        got = model.encode_visual(frames)
+        for f, g in zip(frames, got):
+            x = model.vit.patch_tokens(preprocess(f, model.cfg.vit))
+            prev = torch.cat([x[:1], x[:-1]])  # the first frame is compared with itself
+            assert torch.allclose(g, model.visual_aligner(torch.cat([x, x - prev], -1)), atol=1e-5)
+        assert model.visual_aligner[0].in_features == 2 * model.cfg.vit.token_dim
+        x0 = model.vit.patch_tokens(preprocess(frames[0][1:2], model.cfg.vit))
+        still = model.visual_aligner(torch.cat([x0, torch.zeros_like(x0)], -1))
+        assert torch.allclose(got[0][1], still[0], atol=1e-5)
+
+
 def test_audio_longer_than_t_max_is_segmented():
     model = tiny()
     model.cfg.audio.max_positions = round(model.cfg.audio.tokens_per_second)  # t_max = 1 s of encoder positions
