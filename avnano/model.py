@@ -94,7 +94,8 @@ def preset(name, vocab_size, **overrides):
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} (or AVCaptioner.from_released)")
     p = PRESETS[name]
     cfg = AVConfig(vit=ViTConfig(**p["vit"]), audio=AudioConfig(**p["audio"]),
-                   decoder=DecoderConfig(vocab_size=vocab_size, **p["decoder"]), visual_delta=p.get("visual_delta", False))
+                   decoder=DecoderConfig(vocab_size=vocab_size, **p["decoder"]),
+                   **{k: v for k, v in p.items() if k not in ("vit", "audio", "decoder")})
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

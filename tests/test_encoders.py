@@ -72,7 +72,7 @@ def test_vit_matches_transformers(tmp_path, kind, full, dtype, tol):
     assert tokens.shape == (2, 16, 32)
 
 
-def test_vit_merge_concatenates_2x2(tmp_path):
+def test_vit_merge_2x2_concatenates_or_averages(tmp_path):
     m, _ = vit_reference("siglip", False)
     m.save_pretrained(tmp_path)
     plain, merged = load_vit(str(tmp_path)), load_vit(str(tmp_path), merge=2)

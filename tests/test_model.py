@@ -6,6 +6,7 @@ import torch
 
 from avnano.model import AVCaptioner, preset
 from avnano.tokenizer import Tokenizer
+from avnano.vit import preprocess
 
 CAPTIONS = ["a red circle appears at 0.5 s.", "a knock at 2.0 s; speaker A says \"go\"."]
 
@@ -98,7 +99,6 @@ def test_visual_delta_feeds_each_frame_and_its_change():
     assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "mean"  # the tiny preset's choice
     frames, _, _ = batch()
     frames[0][1] = frames[0][0]  # an unchanged frame: its change half is exactly zero
-    from avnano.vit import preprocess
     with torch.no_grad():
         got = model.encode_visual(frames)
         for f, g in zip(frames, got):
