@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from avnano import checkpoint, tagging, toyworld
+from avnano import checkpoint, toyworld
 from avnano.data import ClipStore, Loader, read_splits
 from avnano.evaluate import eval_split
 from avnano.model import AVCaptioner, preset
@@ -43,8 +43,6 @@ def model_args(p):
     g.add_argument("--ot-weight", type=float, default=0.0, help="lambda of the LAVCap OT alignment loss (0 = off)")
     g.add_argument("--ot-fusion", action="store_true", help="LAVCap OT-attention fusion before interleaving")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
-    g.add_argument("--tag-weight", type=float, default=0.0,
-                   help="dense event tagging loss on the AV tokens (tagging.py; needs manifest events; 0 = off)")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the decoder (0 = none)")
     g.add_argument("--fps", type=float, default=2.0, help="frames per second phi")
     g.add_argument("--max-frames", type=int, default=16, help="frame cap m")
@@ -145,8 +143,7 @@ def build_model(args, train_rows):
     tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=args.vocab)
     cfg = preset(args.preset, tok.vocab_size, interleave=args.interleave, air=args.air, time_positions=args.time_positions,
                  mask=args.mask, modalities=args.modalities, ot_weight=args.ot_weight, ot_fusion=args.ot_fusion,
-                 label_smoothing=args.label_smoothing, lora_r=args.lora_r, fps=args.fps, max_frames=args.max_frames,
-                 tags=tuple(tagging.vocabulary(train_rows)) if args.tag_weight > 0 else (), tag_weight=args.tag_weight)
+                 label_smoothing=args.label_smoothing, lora_r=args.lora_r, fps=args.fps, max_frames=args.max_frames)
     return AVCaptioner(cfg, tok)
 
 
@@ -204,7 +201,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "ce": 0.0, "ot": 0.0, "tag": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0, "ot": 0.0}
         n_seq = n_frames = n_audio = 0
         for _ in range(args.grad_accum):
             epoch, batch, items = next(stream)
@@ -213,8 +210,7 @@ def main():
                 continue
             ids, masks = zip(*(model.render(r["caption"]) for r, *_ in items))
             with autocast:
-                out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks,
-                          events=[r.get("events", []) for r, *_ in items])
+                out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks)
             if not torch.isfinite(out["loss"]):
                 raise SystemExit(f"step {state['step']}: loss is {out['loss'].item()} (not finite); stopping. "
                                  f"Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
@@ -229,7 +225,7 @@ def main():
         state["step"] += 1
         dt = time.perf_counter() - t0
         step_time += dt
-        line = (f"step={state['step']} loss={sums['loss']:.4f} ce={sums['ce']:.4f} ot={sums['ot']:.4f} tag={sums['tag']:.4f} lr={lr:.2e} "
+        line = (f"step={state['step']} loss={sums['loss']:.4f} ce={sums['ce']:.4f} ot={sums['ot']:.4f} lr={lr:.2e} "
                 f"grad_norm={float(grad_norm):.3f} tok/s={n_seq * world / dt:.0f} step_s={dt:.3f} "
                 f"data_wait={(loader.wait_seconds - wait0) / dt:.3f} skipped={len(store.bad)}")
         if "cuda" in device:

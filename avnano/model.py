@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import lora, masks, tagging
+from . import lora, masks
 from .audio import SAMPLE_RATE, AudioConfig, AudioEncoder, log_mel
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
@@ -59,8 +59,6 @@ class AVConfig:
     ot_fusion: bool = False          # OT-attention fusion before interleaving
     ot_eps: float = 0.1
     ot_iters: int = 50
-    tags: tuple = ()                 # dense event tagging vocabulary (tagging.py); () = no tag heads
-    tag_weight: float = 0.0          # weight of the tagging loss
     lora_r: int = 0                  # > 0 wraps lora_targets of the decoder with LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -74,7 +72,7 @@ class AVConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown AVConfig fields {unknown}")
-        kw = {k: (sub[k](**v) if k in sub else tuple(v) if k in ("lora_targets", "tags") else v) for k, v in d.items()}
+        kw = {k: (sub[k](**v) if k in sub else tuple(v) if k == "lora_targets" else v) for k, v in d.items()}
         return cls(**kw)
 
 
@@ -117,7 +115,6 @@ class AVCaptioner(nn.Module):
             if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
         self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
         self.time_embed = TimeEmbedding(D) if cfg.time_embed else None
-        self.tag_heads = nn.ModuleList([nn.Linear(D, len(cfg.tags)) for _ in (tagging.VISUAL, tagging.AUDIO)]) if cfg.tags else None
         if cfg.lora_r > 0:
             lora.inject(self.decoder, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.av_id = tok.token_id(AV)
@@ -245,34 +242,18 @@ class AVCaptioner(nn.Module):
         return None if right_padded else masks.for_sdpa(masks.causal(valid.shape[1], valid.device) & masks.key_padding(valid))
 
     # ----------------------------------------------------------------------------------- training / sampling
-    def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False, events=None):
-        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, tag, n_tokens).
-        `events` (the manifest's structured events per clip) turn on the tagging loss if the model has tag heads."""
+    def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False):
+        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, n_tokens)."""
         blocks, ot = self.av_block(frames, frame_times, audio)
         X, P, A, V, Y = self.assemble(blocks, ids, loss_mask)
         h = self.decoder(inputs_embeds=X, positions=P, mask=self.attention_mask(A, V), return_hidden=True)
         sel = Y != -100
         logits = self.decoder.logits(h[sel]).float()
         ce = F.cross_entropy(logits, Y[sel], label_smoothing=self.cfg.label_smoothing)
-        tag = self.tag_loss(blocks, events) if self.tag_heads is not None and events is not None else torch.zeros_like(ce)
-        out = dict(loss=ce + self.cfg.ot_weight * ot + self.cfg.tag_weight * tag, ce=ce, ot=ot, tag=tag,
-                   n_tokens=int(sel.sum()), n_seq=int(V.sum()))
+        out = dict(loss=ce + self.cfg.ot_weight * ot, ce=ce, ot=ot, n_tokens=int(sel.sum()), n_seq=int(V.sum()))
         if return_hidden:
             out.update(hidden=h, is_av=A)
         return out
-
-    def tag_loss(self, blocks, events_list):
-        """Dense event tagging (tagging.py): binary cross-entropy summed over tags, averaged over AV tokens."""
-        audio_span = self.cfg.window if self.cfg.audio_aligner == "qformer" else 1 / self.cfg.audio.tokens_per_second
-        spans = {tagging.VISUAL: 1 / self.cfg.fps, tagging.AUDIO: audio_span}
-        logits, ys = [], []
-        for (tokens, times, modality), events in zip(blocks, events_list):
-            for m, head in enumerate(self.tag_heads):
-                sel = modality == m
-                logits.append(head(tokens[sel]).float())
-                ys.append(tagging.targets(events, times[sel], m, self.cfg.tags, spans[m]))
-        logits = torch.cat(logits)
-        return F.binary_cross_entropy_with_logits(logits, torch.cat(ys), reduction="sum") / max(1, len(logits))
 
     def completion_logprobs(self, blocks, completions, temperature=1.0, prompt=None):
         """Log-probs of given completion token ids (a list per AV block, EOS included) after the AV
@@ -321,7 +302,7 @@ class AVCaptioner(nn.Module):
         for name, _ in self.named_parameters():
             if "lora_" in name:
                 groups[name] = "lora"
-            elif name.startswith(("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.", "tag_heads.")):
+            elif name.startswith(("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.")):
                 groups[name] = "aligners"
             else:
                 groups[name] = name.split(".")[0]

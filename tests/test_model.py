@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from avnano import tagging
 from avnano.model import AVCaptioner, preset
 from avnano.tokenizer import Tokenizer
 from avnano.vit import preprocess
@@ -110,47 +109,6 @@ def test_visual_delta_feeds_each_frame_and_its_change():
         x0 = model.vit.patch_tokens(preprocess(frames[0][1:2], model.cfg.vit))
         still = model.visual_aligner(torch.cat([x0, torch.zeros_like(x0)], -1))
         assert torch.allclose(got[0][1], still[0], atol=1e-5)
-
-
-EVENTS = [dict(type="audio", sound="high tone", start=0.5, end=1.5),
-          dict(type="visual", colour="red", shape="circle", motion="appears", start=1.0, end=1.0),
-          dict(type="speech", speaker="A", text="tiger piano", start=2.0, end=2.0),
-          dict(type="av", colour="blue", shape="square", start=3.0, end=3.0)]
-
-
-def test_tagging_targets_against_a_drawn_timeline():
-    vocab = tagging.vocabulary([{"events": EVENTS}])
-    times = torch.arange(8) * 0.5  # token starts 0.0 .. 3.5 s, each 0.5 s long
-    # which tags each token carries (tolerance 0.25 s each side; "tiger piano" lasts 2 x 0.5 s);
-    # the audio side of the av event is the knock alone, the visual side the shape that bounces
-    visual = {0.5: "vis red circle appears", 1.0: "vis red circle appears", 2.5: "av blue square", 3.0: "av blue square"}
-    audio = {0.0: "snd high", 0.5: "snd high", 1.0: "snd high", 1.5: "snd high say A tiger piano", 2.0: "say A tiger piano",
-             2.5: "say A tiger piano av", 3.0: "say A tiger piano av"}
-    names = {"visual": "vis", "visual.colour=red": "red", "visual.shape=circle": "circle", "visual.motion=appears": "appears",
-             "av": "av", "av.colour=blue": "blue", "av.shape=square": "square", "audio": "snd", "audio.sound=high tone": "high",
-             "speech": "say", "speech.speaker=A": "A", "speech.text=tiger": "tiger", "speech.text=piano": "piano"}
-    assert sorted(vocab) == sorted(names)
-    for modality, drawn in ((tagging.VISUAL, visual), (tagging.AUDIO, audio)):
-        got = tagging.targets(EVENTS, times, modality, vocab, span=0.5)
-        for t, row in zip(times.tolist(), got):
-            on = {names[vocab[i]] for i in row.nonzero()[:, 0].tolist()}
-            assert on == set(drawn.get(t, "").split()), (modality, t, on)
-
-
-def test_tag_loss_is_ln2_per_tag_at_zero_logits_and_reaches_the_encoders():
-    vocab = tuple(tagging.vocabulary([{"events": EVENTS}]))
-    model = tiny(tags=vocab, tag_weight=0.5)
-    model = AVCaptioner(model.cfg, model.tok)  # heads are built from the config
-    for head in model.tag_heads:
-        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    b = training_batch(model)
-    out = model(*b, events=[EVENTS, EVENTS[:1]])
-    assert abs(out["tag"].item() - len(vocab) * np.log(2)) < 1e-5  # every logit 0: BCE is ln 2 per tag and token
-    assert torch.allclose(out["loss"], out["ce"] + 0.5 * out["tag"])
-    assert model(*b)["tag"].item() == 0.0  # no events: no tagging loss
-    torch.nn.init.normal_(model.tag_heads[tagging.AUDIO].weight)
-    model(*b, events=[EVENTS, EVENTS[:1]])["tag"].backward()
-    assert model.audio.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_audio_longer_than_t_max_is_segmented():
