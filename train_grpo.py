@@ -7,9 +7,11 @@
 Each step: G samples per clip from the KV-cache sampler (temperature T), rewards from the clip's
 checklist and dialogue, group-normalised advantages, then the clipped-surrogate loss plus beta * k3
 KL to the reference (the same model with its LoRA disabled: no second copy) over the sampled tokens,
-scored with the same temperature. What is simplified (see avnano/grpo.py): one optimisation step per
-batch of samples, so the ratio is 1 and the clip never fires; the loss starts near 0 by design.
-Watch reward, the zero-spread fraction (groups that carry no signal) and caption length instead.
+scored with the same temperature. --iterations mu (GRPO's inner loop, default 1) takes mu optimiser
+steps on each batch of samples: the first sees ratio 1 (the loss starts near 0 by design, and the
+logged loss and kl are that first step's), later ones see the moved policy, so the ratio and its
+clip act (ratio_dev = max |ratio - 1| of the last of them). Watch reward, the zero-spread fraction
+(groups that carry no signal) and caption length.
 """
 import argparse
 import re
@@ -48,6 +50,28 @@ def sync_grads(model, world):
                 p.grad /= world
 
 
+def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1):
+    """args.iterations (GRPO's mu) optimiser steps on one batch of samples; pi_old is the policy that
+    sampled them. Returns the first step's loss and k3 KL, max |ratio - 1| seen by the last step (0
+    when mu == 1), the completion mask and the last gradient norm."""
+    old = None
+    for it in range(args.iterations):
+        logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
+        if old is None:
+            old = logp.detach()
+        loss = grpo_loss(logp, old, ref, adv, cmask, args.beta, args.eps, args.eps_high, args.norm)
+        if it == 0:
+            first_loss = loss.item()
+            kl = ((kl_k3(old, ref) * cmask).sum() / cmask.sum()).item() if ref is not None else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(model, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+    ratio_dev = ((logp.detach() - old).exp() - 1).abs().mul(cmask).max().item()
+    return first_loss, kl, ratio_dev, cmask, float(grad_norm)
+
+
 def rewards_for(texts, rows, args):
     out = []
     for text, row in zip(texts, rows):
@@ -76,6 +100,8 @@ def main():
     g.add_argument("--group", type=int, default=8, help="samples per clip G")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
     g.add_argument("--beta", type=float, default=0.04, help="k3 KL weight (0 skips the reference pass)")
+    g.add_argument("--iterations", type=int, default=1,
+                   help="optimisation steps on each batch of samples (GRPO's mu; > 1 makes the ratio and its clip active)")
     g.add_argument("--eps", type=float, default=0.2, help="clip range (low side)")
     g.add_argument("--eps-high", type=float, default=None, help="separate high clip (DAPO); default = --eps")
     g.add_argument("--norm", default="grpo", choices=["grpo", "bnpo", "dapo", "dr_grpo"], help="loss normalisation")
@@ -130,26 +156,19 @@ def main():
         r = torch.tensor([s[0] for s in scored], device=device).view(-1, G)
         adv = group_advantages(r, args.scale).view(-1)
         model.train()
-        logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
         ref = None
         if args.beta > 0:
             with torch.no_grad(), lora.disabled(model):
                 ref, _ = model.completion_logprobs(blocks, completions, args.temperature)
-        loss = grpo_loss(logp, logp.detach(), ref, adv, cmask, args.beta, args.eps, args.eps_high, args.norm)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(model, world)
         lr = lr_at(state["step"], args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        optimizer.step()
+        first_loss, kl, ratio_dev, cmask, grad_norm = policy_steps(model, optimizer, blocks, completions, adv, ref, args, world)
         state["step"] += 1
         parts = {k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")}
-        kl = (kl_k3(logp.detach(), ref) * cmask).sum() / cmask.sum() if ref is not None else torch.zeros(())
-        log(f"step={state['step']} loss={loss.item():.4f} reward={r.mean().item():.4f} r_c={parts['r_c']:.4f} "
+        log(f"step={state['step']} loss={first_loss:.4f} reward={r.mean().item():.4f} r_c={parts['r_c']:.4f} "
             f"r_d={parts['r_d']:.4f} r_l={parts['r_l']:.4f} zero_spread={(r.std(-1) == 0).float().mean().item():.3f} "
-            f"kl={kl.item():.4f} len={cmask.sum(-1).mean().item():.1f} lr={lr:.2e} grad_norm={float(grad_norm):.3f} "
+            f"kl={kl:.4f} ratio_dev={ratio_dev:.4f} len={cmask.sum(-1).mean().item():.1f} lr={lr:.2e} grad_norm={float(grad_norm):.3f} "
             f"step_s={time.perf_counter() - t0:.2f}")
         bar.update(1)
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):

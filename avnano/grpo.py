@@ -9,9 +9,10 @@ Normalisation (an explicit choice, they differ in how long captions weigh):
     "grpo"     mean over each sequence's tokens, then over sequences;
     "bnpo"     (= "dapo") sum over all tokens / number of completion tokens in the batch;
     "dr_grpo"  sum over all tokens / (sequences * max completion length).
-Simplifications, said plainly: one optimisation step per batch of samples, so pi_old == pi, rho == 1
-and the clip never fires (the loss starts near 0 and its gradient is the advantage-weighted
-log-likelihood); the reference is the policy with its LoRA disabled.
+Simplifications, said plainly: by default one optimisation step per batch of samples, so pi_old == pi,
+rho == 1 and the clip never fires (the loss starts near 0 and its gradient is the advantage-weighted
+log-likelihood); train_grpo.py --iterations mu > 1 takes more steps on the same samples, where it
+does. The reference is the policy with its LoRA disabled.
 """
 import torch
 

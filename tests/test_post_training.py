@@ -113,3 +113,31 @@ def test_length_and_checklist_rewards():
     assert checklist_reward("anything", items, judge=lambda c, i: 1.0) == 1.0
     r, parts = total_reward("a knock at 1.0 s.", items, [], [], max_words=10, weights=(1.0, 1.0, 0.0))
     assert parts == {"r_c": 0.5, "r_d": 1.0, "r_l": 1.0} and r == 1.5
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_grpo_inner_steps_move_the_policy_along_the_advantages(iterations):
+    """GRPO's mu: the first step sees ratio 1 (loss 0 for advantages that sum to 0); later steps see the
+    moved policy; the completion with the positive advantage gains log-probability, the other loses."""
+    import types
+
+    from tests.test_model import batch, tiny
+    from train_grpo import add_lora, policy_steps
+    model = tiny()
+    args = types.SimpleNamespace(lora_r=4, lora_alpha=8.0, iterations=iterations, temperature=1.0, beta=0.0, eps=0.2,
+                                 eps_high=None, norm="grpo", grad_clip=1.0)
+    add_lora(model, args)
+    torch.manual_seed(0)
+    blocks = model.av_block(*batch())[0][:1] * 2  # one clip, two sampled captions
+    completions = [model.completion_ids("a red circle appears at 0.5 s."), model.completion_ids("a knock at 2.0 s.")]
+    adv = T([1.0, -1.0])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with torch.no_grad():
+        before, mask = model.completion_logprobs(blocks, completions)
+    first_loss, kl, ratio_dev, _, _ = policy_steps(model, opt, blocks, completions, adv, None, args)
+    with torch.no_grad():
+        after, _ = model.completion_logprobs(blocks, completions)
+    assert abs(first_loss) < 1e-6 and kl == 0.0
+    assert (ratio_dev > 0) == (iterations > 1)
+    gain = ((after - before) * mask).sum(-1)
+    assert gain[0] > 0 > gain[1]

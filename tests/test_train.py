@@ -99,9 +99,10 @@ def test_multi_round_dpo_starts_each_round_at_log2(world, sft_ckpt, tmp_path):
 def test_grpo_runs_and_reports_its_signals(world, sft_ckpt, tmp_path):
     log = run_script("train_grpo.py", ["--init", sft_ckpt, "--data", world, "--steps", "2", "--batch-size", "2", "--group", "3",
                                        "--eval-n", "2", "--max-new-tokens", "24", "--out", str(tmp_path / "grpo")])
-    steps = re.findall(r"step=(\d+) loss=(-?[\d.]+) reward=([\d.]+).*zero_spread=([\d.]+) kl=([\d.]+)", log)
+    steps = re.findall(r"step=(\d+) loss=(-?[\d.]+) reward=([\d.]+).*zero_spread=([\d.]+) kl=([\d.]+) ratio_dev=([\d.]+)", log)
     assert [s[0] for s in steps] == ["1", "2"]
     assert abs(float(steps[0][1])) < 1e-3 and float(steps[0][4]) == 0.0  # ratio 1 and policy == reference at step 1
+    assert all(float(s[5]) == 0.0 for s in steps)  # one step per batch of samples: the ratio stays 1
     assert "before:" in log and "after:" in log
 
 
