@@ -54,15 +54,14 @@ def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1)
     """args.iterations (GRPO's mu) optimiser steps on one batch of samples; pi_old is the policy that
     sampled them. Returns the first step's loss and k3 KL, max |ratio - 1| seen by the last step (0
     when mu == 1), the completion mask and the last gradient norm."""
-    old = None
     for it in range(args.iterations):
         logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
-        if old is None:
+        if it == 0:
             old = logp.detach()
+            kl = ((kl_k3(old, ref) * cmask).sum() / cmask.sum()).item() if ref is not None else 0.0
         loss = grpo_loss(logp, old, ref, adv, cmask, args.beta, args.eps, args.eps_high, args.norm)
         if it == 0:
             first_loss = loss.item()
-            kl = ((kl_k3(old, ref) * cmask).sum() / cmask.sum()).item() if ref is not None else 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(model, world)
@@ -168,7 +167,7 @@ def main():
         parts = {k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")}
         log(f"step={state['step']} loss={first_loss:.4f} reward={r.mean().item():.4f} r_c={parts['r_c']:.4f} "
             f"r_d={parts['r_d']:.4f} r_l={parts['r_l']:.4f} zero_spread={(r.std(-1) == 0).float().mean().item():.3f} "
-            f"kl={kl:.4f} ratio_dev={ratio_dev:.4f} len={cmask.sum(-1).mean().item():.1f} lr={lr:.2e} grad_norm={float(grad_norm):.3f} "
+            f"kl={kl:.4f} ratio_dev={ratio_dev:.4f} len={cmask.sum(-1).mean().item():.1f} lr={lr:.2e} grad_norm={grad_norm:.3f} "
             f"step_s={time.perf_counter() - t0:.2f}")
         bar.update(1)
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):

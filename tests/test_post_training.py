@@ -122,6 +122,7 @@ def test_grpo_inner_steps_move_the_policy_along_the_advantages(iterations):
     import types
 
     from tests.test_model import batch, tiny
+    from avnano import lora
     from train_grpo import add_lora, policy_steps
     model = tiny()
     args = types.SimpleNamespace(lora_r=4, lora_alpha=8.0, iterations=iterations, temperature=1.0, beta=0.0, eps=0.2,
@@ -134,10 +135,12 @@ def test_grpo_inner_steps_move_the_policy_along_the_advantages(iterations):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     with torch.no_grad():
         before, mask = model.completion_logprobs(blocks, completions)
-    first_loss, kl, ratio_dev, _, _ = policy_steps(model, opt, blocks, completions, adv, None, args)
+        with lora.disabled(model):
+            ref, _ = model.completion_logprobs(blocks, completions)
+    first_loss, kl, ratio_dev, _, _ = policy_steps(model, opt, blocks, completions, adv, ref, args)
     with torch.no_grad():
         after, _ = model.completion_logprobs(blocks, completions)
-    assert abs(first_loss) < 1e-6 and kl == 0.0
+    assert abs(first_loss) < 1e-6 and abs(kl) < 1e-6  # a fresh LoRA (B = 0) is the reference
     assert (ratio_dev > 0) == (iterations > 1)
     gain = ((after - before) * mask).sum(-1)
     assert gain[0] > 0 > gain[1]

@@ -102,7 +102,6 @@ def test_grpo_runs_and_reports_its_signals(world, sft_ckpt, tmp_path):
     steps = re.findall(r"step=(\d+) loss=(-?[\d.]+) reward=([\d.]+).*zero_spread=([\d.]+) kl=([\d.]+) ratio_dev=([\d.]+)", log)
     assert [s[0] for s in steps] == ["1", "2"]
     assert abs(float(steps[0][1])) < 1e-3 and float(steps[0][4]) == 0.0  # ratio 1 and policy == reference at step 1
-    assert all(float(s[5]) == 0.0 for s in steps)  # one step per batch of samples: the ratio stays 1
     assert "before:" in log and "after:" in log
 
 
