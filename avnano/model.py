@@ -9,9 +9,12 @@ lambda * LAVCap OT alignment loss. The attention mask is AVCap's prefix mask M (
 bidirectional, caption causal) or plain causal, a config choice; positions are sequential or
 time-aligned (Qwen2.5-Omni style, see interleave.time_positions).
 Every switch the papers ablate is a config field, so one script can compare them.
-Departure (`visual_delta`, on in the tiny preset): the visual aligner reads [x_t, x_t - x_{t-1}], each
-frame's token next to its change since the previous frame (the motion stream of two-stream video
-networks, Simonyan & Zisserman 2014), so appear / disappear / move are visible in one token.
+Departure (`visual_delta`, on in the tiny preset): the visual aligner reads each frame's merged patch
+tokens next to its change since the previous frame, taken per patch and then merged both ways:
+[merge(h_t), merge(h_t - h_{t-1}), merge(h_{t-1} - h_t)] (with max-pooling: the largest rise and the
+largest fall of each feature over the patches; the motion stream of two-stream video networks,
+Simonyan & Zisserman 2014). Appear / disappear / move / bounce are then visible in one token, and the
+identity of whatever moved survives the merge (a change of the merged token would cancel it out).
 """
 import json
 import os
@@ -79,7 +82,7 @@ class AVConfig:
 PRESETS = {
     # CPU-sized: tests and the toy world on a laptop
     "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=16, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=4,
-                          merge_mode="mean"), visual_delta=True,
+                          merge_mode="max"), visual_delta=True,
                  audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=300, pool=5),
                  decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
     # one-GPU sized
@@ -109,7 +112,7 @@ class AVCaptioner(nn.Module):
         self.vit = vit or ViT(cfg.vit)
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
-        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * (2 if cfg.visual_delta else 1), D)
+        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * (3 if cfg.visual_delta else 1), D)
         self.audio_aligner = make_aligner(cfg.audio_aligner, cfg.audio.dim, D, window=cfg.window,
                                           n_queries=cfg.n_queries, frames_per_second=cfg.audio.tokens_per_second) \
             if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
@@ -126,9 +129,11 @@ class AVCaptioner(nn.Module):
         if sum(counts) == 0 or "v" not in self.cfg.modalities:
             return [torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device) for _ in counts]
         pixels = preprocess(torch.cat([f for f in frames_list if len(f)]).to(self.device), self.cfg.vit)
-        x = self.vit.patch_tokens(pixels.to(self.dtype))
-        if self.cfg.visual_delta:  # [x_t, x_t - x_{t-1}] per clip, the first frame's change is zero
-            x = torch.cat([torch.cat([f, f - torch.cat([f[:1], f[:-1]])], -1) for f in x.split([c for c in counts if c])])
+        h = self.vit.patches(pixels.to(self.dtype))
+        x = self.vit.merge(h)
+        if self.cfg.visual_delta:  # per patch change since the previous frame (zero for a clip's first), rises and falls merged
+            d = torch.cat([f - torch.cat([f[:1], f[:-1]]) for f in h.split([c for c in counts if c])])
+            x = torch.cat([x, self.vit.merge(d), self.vit.merge(-d)], -1)
         tokens = self.visual_aligner(x)
         return list(tokens.split(counts))
 

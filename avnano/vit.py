@@ -6,11 +6,13 @@ One class, two families, chosen by `ViTConfig.family`:
   tokens, then a residual MLP).
 - CLIP (Radford et al. 2021): conv without bias, a class token, a pre-LayerNorm ("pre_layrnorm" in the
   released files), quick-GELU, LN eps 1e-5, post-LayerNorm on the class token only.
-`patch_tokens()` is what the captioner's aligner consumes: the per-patch outputs (class token
-dropped), optionally merged: each m x m group of neighbouring patches becomes one token, either
-concatenated Qwen2-VL style (width m*m*dim: where inside the group a thing sits survives) or averaged
-(width dim: the same object gives the same vector wherever it sits, which is what a caption that
-names objects but not places needs; the tiny preset's choice, measured in the README).
+`patch_tokens()` is what the captioner's aligner consumes: the per-patch outputs (`patches()`, class
+token dropped), optionally merged (`merge()`): each m x m group of neighbouring patches becomes one
+token, either concatenated Qwen2-VL style (width m*m*dim: where inside the group a thing sits
+survives), averaged, or max-pooled per feature (width dim: the same object gives the same vector
+wherever it sits, which is what a caption that names objects but not places needs). Max-pooling is
+the tiny preset's choice (measured in the README): an object filling one patch of sixteen keeps its
+features at full strength, where the average dilutes them sixteen-fold under the background's.
 """
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ class ViTConfig:
 
     def __post_init__(self):
         assert self.family in ("siglip", "clip"), f"unknown ViT family {self.family!r}"
-        assert self.merge_mode in ("concat", "mean"), f"unknown merge mode {self.merge_mode!r} (concat, mean)"
+        assert self.merge_mode in ("concat", "mean", "max"), f"unknown merge mode {self.merge_mode!r} (concat, mean, max)"
 
     @property
     def eps(self):
@@ -118,14 +120,20 @@ class ViT(nn.Module):
 
     def patch_tokens(self, pixel_values):
         """(B, 3, S, S) -> (B, tokens_per_frame, token_dim): patch outputs for the aligner, m x m merged."""
+        return self.merge(self.patches(pixel_values))
+
+    def patches(self, pixel_values):
+        """(B, 3, S, S) -> (B, grid*grid, D): one output per patch (class token dropped)."""
         x, _ = self.forward(pixel_values)
-        if self.cls is not None:
-            x = x[:, 1:]
+        return x[:, 1:] if self.cls is not None else x
+
+    def merge(self, x):
+        """(B, g*g, D) -> (B, (g/m)^2, token_dim): each m x m group concatenated, averaged or max-pooled."""
         m, g = self.cfg.merge, self.cfg.grid
         if m > 1:  # (B, g*g, D) -> (B, g/m, m, g/m, m, D) -> groups of m x m, row-major inside a group
             B, _, D = x.shape
             x = x.reshape(B, g // m, m, g // m, m, D).transpose(2, 3).reshape(B, (g // m) ** 2, m * m, D)
-            x = x.flatten(2) if self.cfg.merge_mode == "concat" else x.mean(2)
+            x = x.flatten(2) if self.cfg.merge_mode == "concat" else x.mean(2) if self.cfg.merge_mode == "mean" else x.amax(2)
         return x
 
 

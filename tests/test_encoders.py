@@ -72,7 +72,7 @@ def test_vit_matches_transformers(tmp_path, kind, full, dtype, tol):
     assert tokens.shape == (2, 16, 32)
 
 
-def test_vit_merge_2x2_concatenates_or_averages(tmp_path):
+def test_vit_merge_2x2_concatenates_averages_or_max_pools(tmp_path):
     m, _ = vit_reference("siglip", False)
     m.save_pretrained(tmp_path)
     plain, merged = load_vit(str(tmp_path)), load_vit(str(tmp_path), merge=2)
@@ -92,6 +92,14 @@ def test_vit_merge_2x2_concatenates_or_averages(tmp_path):
     for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         want = grid[0, 2 * R:2 * R + 2, 2 * C:2 * C + 2].reshape(4, 32).mean(0)
         assert torch.allclose(tmean[0, 2 * R + C], want, atol=1e-6)
+    merged.cfg.merge_mode = "max"  # max-pooling: per feature, the largest of the four patches
+    with torch.no_grad():
+        tmax = merged.patch_tokens(x)
+    assert tmax.shape == (1, 4, 32)
+    for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        group = [grid[0, 2 * R + r, 2 * C + c] for r in range(2) for c in range(2)]
+        want = torch.stack([max(g[k] for g in group) for k in range(32)])
+        assert torch.equal(tmax[0, 2 * R + C], want)
 
 
 def synthetic_audio(seconds=3.0, seed=0):

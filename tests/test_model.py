@@ -94,21 +94,30 @@ def test_config_switches_run(kw):
     out["loss"].backward()
 
 
-def test_visual_delta_feeds_each_frame_and_its_change():
+def test_visual_delta_feeds_each_frame_and_its_per_patch_change():
     model = tiny()
-    assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "mean"  # the tiny preset's choice
+    assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "max"  # the tiny preset's choice
     frames, _, _ = batch()
-    frames[0][1] = frames[0][0]  # an unchanged frame: its change half is exactly zero
+    frames[0][1] = frames[0][0]  # an unchanged frame: its change parts are exactly zero
     with torch.no_grad():
         got = model.encode_visual(frames)
         for f, g in zip(frames, got):
-            x = model.vit.patch_tokens(preprocess(f, model.cfg.vit))
-            prev = torch.cat([x[:1], x[:-1]])  # the first frame is compared with itself
-            assert torch.allclose(g, model.visual_aligner(torch.cat([x, x - prev], -1)), atol=1e-5)
-        assert model.visual_aligner[0].in_features == 2 * model.cfg.vit.token_dim
+            h = model.vit(preprocess(f, model.cfg.vit))[0]  # (n, 16 patches, dim): SigLIP, no class token
+            d = h - torch.cat([h[:1], h[:-1]])  # the first frame is compared with itself
+            rise, fall = d.amax(1, keepdim=True), (-d).amax(1, keepdim=True)  # merge=4: all 16 patches in one group
+            assert torch.allclose(g, model.visual_aligner(torch.cat([h.amax(1, keepdim=True), rise, fall], -1)), atol=1e-5)
+        assert model.visual_aligner[0].in_features == 3 * model.cfg.vit.token_dim
         x0 = model.vit.patch_tokens(preprocess(frames[0][1:2], model.cfg.vit))
-        still = model.visual_aligner(torch.cat([x0, torch.zeros_like(x0)], -1))
+        still = model.visual_aligner(torch.cat([x0, torch.zeros_like(x0), torch.zeros_like(x0)], -1))
         assert torch.allclose(got[0][1], still[0], atol=1e-5)
+    # an object that moves keeps its features in the change parts; merging first would cancel them
+    f = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    f[0, 4:12, 4:12] = f[1, 4:12, 52:60] = torch.tensor([230, 50, 50], dtype=torch.uint8)
+    with torch.no_grad():
+        h = model.vit(preprocess(f, model.cfg.vit))[0]
+        merged_change = h[1].amax(0) - h[0].amax(0)
+        rise = (h[1] - h[0]).amax(0)
+    assert rise.abs().max() > 5 * merged_change.abs().max()
 
 
 def test_audio_longer_than_t_max_is_segmented():
