@@ -59,7 +59,8 @@ def caption_video(args):
     if not clip.has_video:
         print(f"note: {args.video} has no video stream; captioning from audio alone", file=sys.stderr)
     kw = sampling_kwargs(args, args.device)
-    print(model.generate([clip.frames], [clip.frame_times], [clip.audio], prompt=args.prompt, **kw)[0])
+    text = model.generate([clip.frames], [clip.frame_times], [clip.audio], prompt=args.prompt, **kw)[0]
+    print(text if text.strip() else "(empty caption: the model ended at once; an undertrained checkpoint does this)")
 
 
 def chat(args):
