@@ -45,7 +45,7 @@ class AVConfig:
     fps: float = 2.0                 # frame rate phi ...
     max_frames: int = 16             # ... capped at m frames (video-SALMONN 2)
     visual_aligner: str = "mlp"      # linear | mlp
-    visual_delta: bool = False       # aligner also sees each frame's change from the previous frame
+    visual_delta: bool = False       # aligner also sees each frame's per-patch change from the previous frame
     audio_aligner: str = "qformer"   # linear | mlp | qformer
     window: float = 0.5              # Q-Former window in seconds (2 audio tokens / s)
     n_queries: int = 1               # Q-Former queries per window
@@ -131,7 +131,7 @@ class AVCaptioner(nn.Module):
         pixels = preprocess(torch.cat([f for f in frames_list if len(f)]).to(self.device), self.cfg.vit)
         h = self.vit.patches(pixels.to(self.dtype))
         x = self.vit.merge(h)
-        if self.cfg.visual_delta:  # per patch change since the previous frame (zero for a clip's first), rises and falls merged
+        if self.cfg.visual_delta:  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
             d = torch.cat([f - torch.cat([f[:1], f[:-1]]) for f in h.split([c for c in counts if c])])
             x = torch.cat([x, self.vit.merge(d), self.vit.merge(-d)], -1)
         tokens = self.visual_aligner(x)
