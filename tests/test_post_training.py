@@ -144,3 +144,19 @@ def test_grpo_inner_steps_move_the_policy_along_the_advantages(iterations):
     assert (ratio_dev > 0) == (iterations > 1)
     gain = ((after - before) * mask).sum(-1)
     assert gain[0] > 0 > gain[1]
+
+
+def test_a_sampled_av_token_in_a_completion_is_scored_like_any_token():
+    # GRPO once died at step 111 when a sampled caption contained <|av|>: only the prompt's is spliced
+    from tests.test_model import batch, tiny
+    model = tiny()
+    blocks = model.av_block(*batch())[0][:1] * 2
+    plain = model.completion_ids("a red circle appears at 0.5 s.")
+    odd = plain[:3] + [model.av_id] + plain[3:]
+    with torch.no_grad():
+        lp, mask = model.completion_logprobs(blocks, [plain, odd])
+    assert mask[1].sum() == len(odd) and torch.isfinite(lp[1][mask[1] > 0]).all()
+    assert torch.allclose(lp[0, :3], lp[1, :3], atol=1e-5)  # causal: the tokens before it are unchanged
+    with pytest.raises(ValueError, match="no <\\|av\\|> placeholder"):
+        model.assemble(blocks[:1], [plain])
+
