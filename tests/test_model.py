@@ -110,14 +110,20 @@ def test_visual_delta_feeds_each_frame_and_its_per_patch_change():
         x0 = model.vit.patch_tokens(preprocess(frames[0][1:2], model.cfg.vit))
         still = model.visual_aligner(torch.cat([x0, torch.zeros_like(x0), torch.zeros_like(x0)], -1))
         assert torch.allclose(got[0][1], still[0], atol=1e-5)
-    # an object that moves keeps its features in the change parts; merging first would cancel them
+    # an object that moves keeps its features in the change parts the aligner reads; the change of the
+    # merged token (the previous design) nearly cancels it out
     f = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
     f[0, 4:12, 4:12] = f[1, 4:12, 52:60] = torch.tensor([230, 50, 50], dtype=torch.uint8)
+    seen = []
+    hook = model.visual_aligner.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
     with torch.no_grad():
-        h = model.vit(preprocess(f, model.cfg.vit))[0]
-        merged_change = h[1].amax(0) - h[0].amax(0)
-        rise = (h[1] - h[0]).amax(0)
-    assert rise.abs().max() > 5 * merged_change.abs().max()
+        model.encode_visual([f])
+    hook.remove()
+    D = model.cfg.vit.token_dim
+    x = seen[0][:, 0]  # (2 frames, 3 * D): [merge(h_t), rise, fall]
+    merged_change = x[1, :D] - x[0, :D]
+    assert x[1, D:2 * D].abs().max() > 5 * merged_change.abs().max()
+    assert x[1, 2 * D:].abs().max() > 5 * merged_change.abs().max()
 
 
 def test_audio_longer_than_t_max_is_segmented():

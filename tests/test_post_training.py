@@ -159,4 +159,3 @@ def test_a_sampled_av_token_in_a_completion_is_scored_like_any_token():
     assert torch.allclose(lp[0, :3], lp[1, :3], atol=1e-5)  # causal: the tokens before it are unchanged
     with pytest.raises(ValueError, match="no <\\|av\\|> placeholder"):
         model.assemble(blocks[:1], [plain])
-
