@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from avnano.generate import generate
+from avnano.generate import compile_for_sampling, generate
 from avnano.tokenizer import Tokenizer
 from avnano.weights import load_decoder
 
@@ -67,6 +67,8 @@ def chat(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype,
                                                                       torch.bfloat16 if args.device == "cuda" else torch.float32)
     model = load_decoder(args.llm, dtype=dtype, device=args.device)
+    if args.compile:
+        model = compile_for_sampling(model)
     tok = Tokenizer.from_file(args.llm)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     ids, _ = tok.render(msgs) if tok.chat else (tok.encode(args.prompt), None)
@@ -87,6 +89,8 @@ def main():
     g.add_argument("--llm", default=None, help="directory with config.json, model.safetensors(.index.json), tokenizer.json")
     g.add_argument("--system", default=None, help="optional system message (none is added by default)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="compile the decoder for sampling first (minutes; pays off "
+                   "for long outputs: 1.5-2.1x transformers on CPU in the README, ~1.1x without)")
     p.add_argument("--prompt", default=None, help="user message (--llm, required) or captioning instruction (--ckpt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     sampling_args(p)

@@ -6,10 +6,8 @@ A SmolLM2-135M-shaped LlamaForCausalLM with random weights: greedy, 32-token pro
 fp32 and bf16, batch 1 and 8. Prints tokens/s for both and the ratio (best of --repeats runs each).
 --compile wraps avnano's decoder in torch.compile (the static KV cache gives the decode step one
 shape, so it compiles once per batch size and dtype; the warm-up run pays for it, and the line
-reports that time apart). On CPU the three Inductor switches are what close the gap to the
-weight-reading bound: --freeze turns the weights into constants prepacked for MKL / oneDNN,
---max-autotune lets Inductor's own C++ GEMM kernels compete with those, --cpp-wrapper calls the
-kernels from C++ (less Python per decode step).
+reports that time apart); --freeze, --max-autotune and --cpp-wrapper are the Inductor switches of
+avnano.generate.compile_for_sampling (all three on is what `sample.py --compile` does).
 """
 import argparse
 import os
@@ -22,7 +20,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from avnano.generate import generate
+from avnano.generate import compile_for_sampling, generate
 from avnano.weights import load_decoder
 
 
@@ -64,12 +62,8 @@ def main():
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours = ours_fp32.to(device=args.device, dtype=dtype)
-        if args.compile:  # one graph per (batch, dtype, prefill/decode): more than the default limit of 8
-            torch._dynamo.config.cache_size_limit = 64
-            torch._inductor.config.freezing = args.freeze
-            torch._inductor.config.cpp_wrapper = args.cpp_wrapper
-            torch._inductor.config.max_autotune = args.max_autotune
-            ours = torch.compile(ours, dynamic=False)
+        if args.compile:
+            ours = compile_for_sampling(ours, args.freeze, args.max_autotune, args.cpp_wrapper)
         ref = hf.to(device=args.device, dtype=dtype)
         for B in map(int, args.batches.split(",")):
             ids = torch.randint(3, 49152, (B, 32), generator=torch.Generator().manual_seed(B)).to(args.device)

@@ -1,10 +1,17 @@
-"""Tokenizer: BPE training, round trip, ChatML template loss mask, stopping at the template end token."""
+"""Tokenizer: BPE training, round trip, ChatML template loss mask, stopping at the template end token;
+sample.py's text mode end to end."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from avnano.decoder import Decoder, DecoderConfig
 from avnano.generate import generate
 from avnano.tokenizer import IM_END, Tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["a red circle moves left at 1.5 s.", "a knock at 2.0 s.", "speaker A says \"hello there\".",
           "a blue square appears at 0.5 s and a rising chirp plays."] * 20
 
@@ -53,3 +60,29 @@ def test_generation_stops_at_template_end():
     ids, _ = t.render([{"role": "user", "content": "hi"}])
     out = generate(model, torch.tensor([ids]), max_new_tokens=10, eos_ids=t.eos_ids, pad_id=t.pad_id)
     assert out.shape[1] < 10 and out[0, -1] == end
+
+
+def test_sample_py_streams_the_reference_greedy_reply(tmp_path):
+    """`sample.py --llm DIR --prompt ...` on a released-format directory prints what transformers'
+    greedy generate continues the ChatML prompt with."""
+    transformers = pytest.importorskip("transformers")
+    t = tok()
+    t.save(tmp_path)
+    cfg = transformers.LlamaConfig(vocab_size=t.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                   max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path)
+    ids, _ = t.render([{"role": "user", "content": "a knock"}])
+    new = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
+                      do_sample=False, eos_token_id=t.eos_ids, pad_token_id=t.pad_id)[0, len(ids):].tolist()
+    want = t.decode([i for i in new if i not in t.eos_ids and i != t.pad_id])
+    out = subprocess.run([sys.executable, "sample.py", "--llm", str(tmp_path), "--prompt", "a knock", "--max-new-tokens", "12"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = out.stdout[:-1]  # the final newline
+    assert len(want) > 0 and want.startswith(printed) and want[len(printed):].strip("\ufffd") == ""
