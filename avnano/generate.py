@@ -92,7 +92,8 @@ def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True
     graph per batch size and dtype. On CPU the three Inductor switches are what make it pay (README:
     1.5-2.1x transformers, against ~1.1x eager): freezing turns the weights into constants prepacked for
     MKL / oneDNN (so later weight updates are not seen), max-autotune lets Inductor's own C++ GEMMs
-    compete with those, the C++ wrapper calls the kernels without Python. Compiling takes minutes."""
+    compete with those, the C++ wrapper calls the kernels without Python. The switches are Inductor's
+    process-wide settings. Compiling takes minutes."""
     torch._dynamo.config.cache_size_limit = 64  # graphs per (batch, dtype, prefill/decode)
     torch._inductor.config.freezing = freeze
     torch._inductor.config.max_autotune = max_autotune
