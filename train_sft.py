@@ -42,6 +42,7 @@ def model_args(p):
     g.add_argument("--modalities", default="av", choices=["av", "v", "a"], help="audio+video, video only, audio only")
     g.add_argument("--ot-weight", type=float, default=0.0, help="lambda of the LAVCap OT alignment loss (0 = off)")
     g.add_argument("--ot-fusion", action="store_true", help="LAVCap OT-attention fusion before interleaving")
+    g.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss (needs manifest events)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the decoder (0 = none)")
     g.add_argument("--fps", type=float, default=2.0, help="frames per second phi")
@@ -143,7 +144,7 @@ def build_model(args, train_rows):
     tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=args.vocab)
     cfg = preset(args.preset, tok.vocab_size, interleave=args.interleave, air=args.air, time_positions=args.time_positions,
                  mask=args.mask, modalities=args.modalities, ot_weight=args.ot_weight, ot_fusion=args.ot_fusion,
-                 label_smoothing=args.label_smoothing, lora_r=args.lora_r, fps=args.fps, max_frames=args.max_frames)
+                 label_smoothing=args.label_smoothing, ground_weight=args.ground_weight, lora_r=args.lora_r, fps=args.fps, max_frames=args.max_frames)
     return AVCaptioner(cfg, tok)
 
 
@@ -201,7 +202,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "ce": 0.0, "ot": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0, "ot": 0.0, "ground": 0.0}
         n_seq = n_frames = n_audio = 0
         for _ in range(args.grad_accum):
             epoch, batch, items = next(stream)
@@ -210,7 +211,8 @@ def main():
                 continue
             ids, masks = zip(*(model.render(r["caption"]) for r, *_ in items))
             with autocast:
-                out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks)
+                ground = [toyworld.grounding(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
+                out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
             if not torch.isfinite(out["loss"]):
                 raise SystemExit(f"step {state['step']}: loss is {out['loss'].item()} (not finite); stopping. "
                                  f"Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
@@ -225,7 +227,7 @@ def main():
         state["step"] += 1
         dt = time.perf_counter() - t0
         step_time += dt
-        line = (f"step={state['step']} loss={sums['loss']:.4f} ce={sums['ce']:.4f} ot={sums['ot']:.4f} lr={lr:.2e} "
+        line = (f"step={state['step']} loss={sums['loss']:.4f} ce={sums['ce']:.4f} ot={sums['ot']:.4f} ground={sums['ground']:.4f} lr={lr:.2e} "
                 f"grad_norm={float(grad_norm):.3f} tok/s={n_seq * world / dt:.0f} step_s={dt:.3f} "
                 f"data_wait={(loader.wait_seconds - wait0) / dt:.3f} skipped={len(store.bad)}")
         if "cuda" in device:

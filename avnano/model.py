@@ -16,6 +16,7 @@ largest fall of each feature over the patches; the motion stream of two-stream v
 Simonyan & Zisserman 2014). Appear / disappear / move / bounce are then visible in one token, and the
 identity of whatever moved survives the merge (a change of the merged token would cancel it out).
 """
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -29,7 +30,7 @@ from . import lora, masks
 from .audio import SAMPLE_RATE, AudioConfig, AudioEncoder, log_mel
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
-from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, interleave, make_aligner, time_positions
+from .interleave import AUDIO, VISUAL, SegmentEmbedding, TimeEmbedding, WindowQFormer, interleave, make_aligner, time_positions
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
 from .vit import ViT, ViTConfig, preprocess
@@ -62,6 +63,7 @@ class AVConfig:
     ot_fusion: bool = False          # OT-attention fusion before interleaving
     ot_eps: float = 0.1
     ot_iters: int = 50
+    ground_weight: float = 0.0       # weight of the grounding loss (0 = off; see grounding_loss)
     lora_r: int = 0                  # > 0 wraps lora_targets of the decoder with LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -249,15 +251,52 @@ class AVCaptioner(nn.Module):
         return None if right_padded else masks.for_sdpa(masks.causal(valid.shape[1], valid.device) & masks.key_padding(valid))
 
     # ----------------------------------------------------------------------------------- training / sampling
-    def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False):
-        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, n_tokens)."""
+    def ground_targets(self, spans):
+        """toyworld.grounding() spans -> [(t0, t1, modality ids, token ids)]: the ids of the span's
+        caption text whose text is one of its words (so 'tiger' and ' tiger' keep the caption's own token)."""
+        return [(t0, t1, [{"v": VISUAL, "a": AUDIO}[m] for m in mods], self._content_ids(text, tuple(words)))
+                for t0, t1, mods, text, words in spans]
+
+    @functools.lru_cache(maxsize=4096)
+    def _content_ids(self, text, words):
+        return [i for i in self.tok.encode(text) if self.tok.decode([i]).strip(' "') in words]
+
+    def grounding_loss(self, blocks, targets):
+        """Logit-lens grounding (departure, ours): each AV token inside an event's span, read by the
+        decoder's own final norm and output head, should name the event's words (cross-entropy
+        averaged over the words). The decoder then only has to copy a token to say what it shows,
+        instead of first discovering a faint direction in it (speaker and word identity were < 2 %
+        of the audio tokens' variance without it)."""
+        tokens = torch.cat([b[0] for b in blocks])
+        weights = torch.zeros(len(tokens), self.cfg.decoder.vocab_size)  # on log-probs: -sum(weights * logp)
+        n_spans, offset = 0, 0
+        for (_, times, modality), spans in zip(blocks, targets):
+            times, modality = times.cpu(), modality.cpu()
+            for t0, t1, mods, ids in self.ground_targets(spans):
+                inside = (times >= t0 - 1e-3) & (times <= t1 + 1e-3) & torch.isin(modality, torch.tensor(mods))
+                rows = inside.nonzero()[:, 0] + offset
+                if len(rows) and ids:
+                    weights[rows[:, None], torch.tensor(ids)[None]] += 1.0 / (len(rows) * len(ids))
+                    n_spans += 1
+            offset += len(times)
+        used = weights.sum(-1) > 0
+        if n_spans == 0:
+            return torch.zeros((), device=self.device)
+        logp = torch.log_softmax(self.decoder.logits(self.decoder.norm(tokens[used.to(self.device)])).float(), -1)
+        return -(weights[used].to(self.device) * logp).sum() / n_spans
+
+    def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False, ground=None):
+        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens).
+        ground: per clip, toyworld.grounding() spans (used when cfg.ground_weight > 0)."""
         blocks, ot = self.av_block(frames, frame_times, audio)
+        g = self.grounding_loss(blocks, ground) if ground is not None and self.cfg.ground_weight > 0 \
+            else torch.zeros((), device=self.device)
         X, P, A, V, Y = self.assemble(blocks, ids, loss_mask)
         h = self.decoder(inputs_embeds=X, positions=P, mask=self.attention_mask(A, V), return_hidden=True)
         sel = Y != -100
         logits = self.decoder.logits(h[sel]).float()
         ce = F.cross_entropy(logits, Y[sel], label_smoothing=self.cfg.label_smoothing)
-        out = dict(loss=ce + self.cfg.ot_weight * ot, ce=ce, ot=ot, n_tokens=int(sel.sum()), n_seq=int(V.sum()))
+        out = dict(loss=ce + self.cfg.ot_weight * ot + self.cfg.ground_weight * g, ce=ce, ot=ot, ground=g, n_tokens=int(sel.sum()), n_seq=int(V.sum()))
         if return_hidden:
             out.update(hidden=h, is_av=A)
         return out

@@ -89,6 +89,27 @@ PATTERNS = [
 ]
 
 
+def grounding(events):
+    """Per event: (t0, t1, modalities, text, words) for the grounding loss -- the AV tokens of these
+    modalities ("v", "a") whose time is in [t0, t1] show or sound the event, and should name the
+    `words` of its caption sentence `text` (timestamp removed)."""
+    out = []
+    for e in events:
+        text = re.sub(r" (at|from) .*$", "", sentence(e))
+        if e["type"] == "speech":
+            span, mods, words = (e["start"], e["start"] + 0.6 * len(e["text"].split())), "a", [e["speaker"], *e["text"].split()]
+        elif e["type"] == "audio":
+            span, mods, words = (e["start"], e["end"]), "a", e["sound"].split()
+        elif e["type"] == "av":
+            span, mods, words = (e["start"] - 0.5, e["start"] + 0.5), "v", [e["colour"], e["shape"]]
+        else:
+            span = {"appears": (e["start"], e["start"] + 1.0), "disappears": (e["start"] - 1.0, e["start"])}.get(
+                e["motion"], (e["start"], e["end"]))
+            mods, words = "v", [e["colour"], e["shape"], *e["motion"].split()]
+        out.append((*span, mods, text, words))
+    return out
+
+
 def split_sentences(text):
     """Sentences end with '.' followed by whitespace (decimals like 1.5 never are)."""
     return [s.strip() for s in re.split(r"(?<=\.)\s+", text.strip()) if s.strip()]

@@ -206,3 +206,26 @@ def test_completion_logprobs_match_the_training_loss():
     assert not torch.allclose(hot, lp)
     assert torch.allclose(twice[:2], lp, atol=1e-6) and torch.allclose(twice[2:], lp, atol=1e-6)
     assert model.generate(None, None, None, blocks=blocks, max_new_tokens=6) == model.generate(frames, times, audio, max_new_tokens=6)
+
+
+def test_grounding_loss_reads_the_span_through_the_output_head():
+    model = tiny(ground_weight=0.5)
+    tok, D = model.tok, model.cfg.decoder.dim
+    spans = [(0.5, 1.0, "a", 'speaker A says "go"', ["A", "go"])]
+    (_, _, mods, ids), = model.ground_targets(spans)
+    assert mods == [1] and [tok.decode([i]) for i in ids] == [" A", "go"]  # the caption's own tokens
+    tokens = torch.randn(6, D, generator=torch.Generator().manual_seed(0))
+    times = torch.tensor([0.0, 0.5, 0.5, 1.0, 1.0, 1.5])
+    modality = torch.tensor([0, 1, 0, 1, 0, 1])  # only rows 1 and 3 are audio tokens inside [0.5, 1.0]
+    loss = model.grounding_loss([(tokens, times, modality)], [spans])
+    h = tokens[[1, 3]]
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + model.cfg.decoder.norm_eps) * model.decoder.norm.weight
+    logp = torch.log_softmax(h @ model.decoder.embed.weight.T, -1)  # tied head
+    assert torch.allclose(loss, -logp[:, ids].mean(), atol=1e-5)
+    moved = tokens.clone()
+    moved[[0, 2, 4, 5]] += 3.0  # outside the span or the wrong modality: no effect
+    assert torch.allclose(model.grounding_loss([(moved, times, modality)], [spans]), loss)
+    b = training_batch(model)
+    out = model(*b, ground=[spans, []])
+    assert out["ground"] > 0 and torch.allclose(out["loss"], out["ce"] + 0.5 * out["ground"])
+    assert torch.allclose(model(*b)["loss"], out["ce"])  # no spans given: the caption loss alone

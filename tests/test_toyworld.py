@@ -91,3 +91,19 @@ def test_repetition_rate_by_hand():
     assert repetition_rate("a knock. a knock. a tone plays.") == pytest.approx(2 / 7)  # 7 words, 2 repeated
     assert repetition_rate("one two. three, one two. one two!") == pytest.approx(4 / 7)
     assert repetition_rate("a red circle appears at 1.5 s.") == 0.0 and repetition_rate("") == 0.0
+
+
+def test_grounding_spans_by_hand():
+    events = [dict(type="speech", speaker="B", text="tiger piano", start=3.0, end=3.0),
+              dict(type="visual", colour="red", shape="circle", motion="appears", start=1.0, end=1.0),
+              dict(type="visual", colour="red", shape="circle", motion="disappears", start=4.0, end=4.0),
+              dict(type="visual", colour="blue", shape="square", motion="moves left", start=0.5, end=3.0),
+              dict(type="audio", sound="high tone", start=2.0, end=3.5),
+              dict(type="av", colour="green", shape="triangle", start=4.0, end=4.0)]
+    assert tw.grounding(events) == [
+        (3.0, 3.0 + 0.6 * 2, "a", 'speaker B says "tiger piano"', ["B", "tiger", "piano"]),
+        (1.0, 2.0, "v", "a red circle appears", ["red", "circle", "appears"]),
+        (3.0, 4.0, "v", "a red circle disappears", ["red", "circle", "disappears"]),
+        (0.5, 3.0, "v", "a blue square moves left", ["blue", "square", "moves", "left"]),
+        (2.0, 3.5, "a", "a high tone plays", ["high", "tone"]),
+        (3.5, 4.5, "v", "the green triangle knocks", ["green", "triangle"])]
