@@ -16,7 +16,6 @@ largest fall of each feature over the patches; the motion stream of two-stream v
 Simonyan & Zisserman 2014). Appear / disappear / move / bounce are then visible in one token, and the
 identity of whatever moved survives the merge (a change of the merged token would cancel it out).
 """
-import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -254,12 +253,9 @@ class AVCaptioner(nn.Module):
     def ground_targets(self, spans):
         """toyworld.grounding() spans -> [(t0, t1, modality ids, token ids)]: the ids of the span's
         caption text whose text is one of its words (so 'tiger' and ' tiger' keep the caption's own token)."""
-        return [(t0, t1, [{"v": VISUAL, "a": AUDIO}[m] for m in mods], self._content_ids(text, tuple(words)))
+        return [(t0, t1, [{"v": VISUAL, "a": AUDIO}[m] for m in mods],
+                 [i for i in self.tok.encode(text) if self.tok.decode([i]).strip(' "') in words])
                 for t0, t1, mods, text, words in spans]
-
-    @functools.lru_cache(maxsize=4096)
-    def _content_ids(self, text, words):
-        return [i for i in self.tok.encode(text) if self.tok.decode([i]).strip(' "') in words]
 
     def grounding_loss(self, blocks, targets):
         """Logit-lens grounding (departure, ours): each AV token inside an event's span, read by the
