@@ -42,7 +42,7 @@ def model_args(p):
     g.add_argument("--modalities", default="av", choices=["av", "v", "a"], help="audio+video, video only, audio only")
     g.add_argument("--ot-weight", type=float, default=0.0, help="lambda of the LAVCap OT alignment loss (0 = off)")
     g.add_argument("--ot-fusion", action="store_true", help="LAVCap OT-attention fusion before interleaving")
-    g.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss (needs manifest events)")
+    g.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding loss (needs manifest events; 0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the decoder (0 = none)")
     g.add_argument("--fps", type=float, default=2.0, help="frames per second phi")
