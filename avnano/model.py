@@ -262,8 +262,9 @@ class AVCaptioner(nn.Module):
         decoder's own final norm and output head, should name the event's words (cross-entropy
         averaged over the words). The decoder then only has to copy a token to say what it shows,
         instead of first discovering a faint direction in it (speaker and word identity were < 2 %
-        of the audio tokens' variance without it)."""
-        tokens = torch.cat([b[0] for b in blocks])
+        of the audio tokens' variance without it). It reads each token less its time embedding: on the
+        whole token it also pulled the clock toward the words (held-out mean tIoU 0.80 -> 0.71)."""
+        tokens = torch.cat([b[0] - self.time_embed(b[1]) if self.time_embed is not None else b[0] for b in blocks])
         weights = torch.zeros(len(tokens), self.cfg.decoder.vocab_size)  # on log-probs: -sum(weights * logp)
         n_spans, offset = 0, 0
         for (_, times, modality), spans in zip(blocks, targets):
