@@ -40,6 +40,7 @@ WORDS = ("apple", "river", "tiger", "piano", "rocket", "garden", "window", "coff
          "hello", "morning", "water")
 HELD_OUT = {("red", "triangle"), ("yellow", "circle"), ("green", "square")}
 SPEECH_DIR = os.path.join(os.path.dirname(__file__), "assets", "speech")
+WORD_GAP = 0.1  # seconds of silence after each spoken word
 POINT_MOTIONS = ("appears", "disappears")
 
 
@@ -96,8 +97,13 @@ def grounding(events):
     out = []
     for e in events:
         text = re.sub(r" (at|from) .*$", "", sentence(e))
-        if e["type"] == "speech":
-            span, mods, words = (e["start"], e["start"] + 0.6 * len(e["text"].split())), "a", [e["speaker"], *e["text"].split()]
+        if e["type"] == "speech":  # the speaker over the utterance, each word over its own audio
+            t = e["start"]
+            for w in e["text"].split():
+                dur = len(word_audio(e["speaker"], w)) / SAMPLE_RATE
+                out.append((t, t + dur, "a", text, [w]))
+                t += dur + WORD_GAP
+            span, mods, words = (e["start"], t), "a", [e["speaker"]]
         elif e["type"] == "audio":
             span, mods, words = (e["start"], e["end"]), "a", e["sound"].split()
         elif e["type"] == "av":
@@ -302,7 +308,7 @@ def render_audio(events, duration, seed):
     for s in (s for e in events for s in e["_sounds"]):
         if s["kind"] == "speech":
             words = [word_audio(s["speaker"], w) for w in s["words"]]
-            gap = np.zeros(int(0.1 * SAMPLE_RATE), np.float32)
+            gap = np.zeros(int(WORD_GAP * SAMPLE_RATE), np.float32)
             add(s["start"], np.concatenate([x for w in words for x in (w, gap)]))
             continue
         n = int((s["end"] - s["start"]) * SAMPLE_RATE)

@@ -1,7 +1,9 @@
 """Toy world: deterministic, decodable, parser round trip, held-out split; metrics on hand-made cases."""
 import json
+import os
 
 import pytest
+import soundfile as sf
 import torch
 
 from avnano import toyworld as tw
@@ -100,10 +102,16 @@ def test_grounding_spans_by_hand():
               dict(type="visual", colour="blue", shape="square", motion="moves left", start=0.5, end=3.0),
               dict(type="audio", sound="high tone", start=2.0, end=3.5),
               dict(type="av", colour="green", shape="triangle", start=4.0, end=4.0)]
-    assert tw.grounding(events) == [
-        (3.0, 3.0 + 0.6 * 2, "a", 'speaker B says "tiger piano"', ["B", "tiger", "piano"]),
+    t1 = 3.0 + len(sf.read(os.path.join(tw.SPEECH_DIR, "B", "tiger.flac"))[0]) / 16000  # the asset's length
+    t2 = t1 + tw.WORD_GAP + len(sf.read(os.path.join(tw.SPEECH_DIR, "B", "piano.flac"))[0]) / 16000
+    got, want = tw.grounding(events), [
+        (3.0, t1, "a", 'speaker B says "tiger piano"', ["tiger"]),  # each word over its own audio
+        (t1 + tw.WORD_GAP, t2, "a", 'speaker B says "tiger piano"', ["piano"]),
+        (3.0, t2 + tw.WORD_GAP, "a", 'speaker B says "tiger piano"', ["B"]),  # the speaker over the utterance
         (1.0, 2.0, "v", "a red circle appears", ["red", "circle", "appears"]),
         (3.0, 4.0, "v", "a red circle disappears", ["red", "circle", "disappears"]),
         (0.5, 3.0, "v", "a blue square moves left", ["blue", "square", "moves", "left"]),
         (2.0, 3.5, "a", "a high tone plays", ["high", "tone"]),
         (3.5, 4.5, "v", "the green triangle knocks", ["green", "triangle"])]
+    assert [g[2:] for g in got] == [w[2:] for w in want]
+    assert [g[:2] for g in got] == [pytest.approx(w[:2]) for w in want]
