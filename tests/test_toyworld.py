@@ -102,8 +102,8 @@ def test_grounding_spans_by_hand():
               dict(type="visual", colour="blue", shape="square", motion="moves left", start=0.5, end=3.0),
               dict(type="audio", sound="high tone", start=2.0, end=3.5),
               dict(type="av", colour="green", shape="triangle", start=4.0, end=4.0)]
-    t1 = 3.0 + len(sf.read(os.path.join(tw.SPEECH_DIR, "B", "tiger.flac"))[0]) / 16000  # the asset's length
-    t2 = t1 + tw.WORD_GAP + len(sf.read(os.path.join(tw.SPEECH_DIR, "B", "piano.flac"))[0]) / 16000
+    t1 = 3.0 + len(sf.read(os.path.join(tw.SPEECH_DIR, "B", "tiger.flac"))[0]) / tw.SAMPLE_RATE  # the asset's length
+    t2 = t1 + tw.WORD_GAP + len(sf.read(os.path.join(tw.SPEECH_DIR, "B", "piano.flac"))[0]) / tw.SAMPLE_RATE
     got, want = tw.grounding(events), [
         (3.0, t1, "a", 'speaker B says "tiger piano"', ["tiger"]),  # each word over its own audio
         (t1 + tw.WORD_GAP, t2, "a", 'speaker B says "tiger piano"', ["piano"]),
@@ -115,3 +115,5 @@ def test_grounding_spans_by_hand():
         (3.5, 4.5, "v", "the green triangle knocks", ["green", "triangle"])]
     assert [g[2:] for g in got] == [w[2:] for w in want]
     assert [g[:2] for g in got] == [pytest.approx(w[:2]) for w in want]
+    other = tw.grounding([dict(type="speech", speaker="C", text="hi", start=1.0, end=1.0)])  # no asset: 0.5 s
+    assert [g[:2] for g in other] == [(1.0, 1.5), (1.0, 1.5 + tw.WORD_GAP)]
