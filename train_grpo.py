@@ -179,6 +179,7 @@ def main():
         log("after: " + held_out(model, test_store, args))
     if dist.is_initialized():
         log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
+        dist.barrier()  # both ranks idle before the gloo pairs close (else a rank can abort at exit)
         dist.destroy_process_group()
 
 

@@ -250,6 +250,7 @@ def main():
         final_eval(model, test_rows, args, log)
     if dist.is_initialized():
         log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
+        dist.barrier()  # both ranks idle before the gloo pairs close (else a rank can abort at exit)
         dist.destroy_process_group()
 
 
