@@ -100,8 +100,10 @@ def grounding(events):
         if e["type"] == "speech":  # the speaker over the utterance, each word over its own audio
             t = e["start"]
             for w in e["text"].split():
-                known = os.path.exists(os.path.join(SPEECH_DIR, e["speaker"], f"{w}.flac"))
-                dur = len(word_audio(e["speaker"], w)) / SAMPLE_RATE if known else 0.5  # else about the mean word
+                try:
+                    dur = len(word_audio(e["speaker"], w)) / SAMPLE_RATE
+                except FileNotFoundError:  # a word with no asset: about the mean word's length
+                    dur = 0.5
                 out.append((t, t + dur, "a", text, [w]))
                 t += dur + WORD_GAP
             span, mods, words = (e["start"], t), "a", [e["speaker"]]
