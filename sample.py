@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from avnano.errors import run_main
 from avnano.generate import compile_for_sampling, generate
 from avnano.tokenizer import Tokenizer
 from avnano.weights import load_decoder
@@ -49,13 +50,13 @@ class Streamer:
 
 
 def caption_video(args):
+    from avnano.checkpoint import load_model
     from avnano.media import load_clip
-    from avnano.model import AVCaptioner
-    model = AVCaptioner.load(args.ckpt, device=args.device)
+    model = load_model(args.ckpt, device=args.device)
     cfg = model.cfg
     clip = load_clip(args.video, fps=cfg.fps, max_frames=cfg.max_frames, size=(cfg.vit.image_size, cfg.vit.image_size))
     if not clip.has_audio:
-        print(f"note: {args.video} has no audio stream; captioning with silence", file=sys.stderr)
+        print(f"note: {args.video} has no audio; captioning with silence", file=sys.stderr)
     if not clip.has_video:
         print(f"note: {args.video} has no video stream; captioning from audio alone", file=sys.stderr)
     kw = sampling_kwargs(args, args.device)
@@ -104,4 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

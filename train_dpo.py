@@ -20,19 +20,18 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
 from avnano.data import ClipStore, read_splits
 from avnano.dpo import dpo_loss, guided_dpo_loss, select_pairs
+from avnano.errors import run_main
 from avnano.evaluate import caption_clips, eval_split
+from avnano.grammar import parse
 from avnano.metrics import evaluate, repetition_rate
-from avnano.model import AVCaptioner
 from avnano.rewards import checklist_reward
-from avnano.toyworld import parse
-from train_grpo import add_lora, sync_grads
-from train_sft import data_args, ensure_toy_world, make_optimizer, opt_args, rank_weight_diff, run_args, setup_distributed
+from avnano.training import (add_lora, data_args, ensure_toy_world, gather, make_optimizer, mean_over_ranks, model_args,
+                             opt_args, run_args, setup_distributed, sync_grads, teardown)
 
 
 def parse_thresholds(text):
@@ -58,18 +57,9 @@ def logprob_sums(model, blocks, completions):
     return (lp * mask).sum(-1), mask.sum(-1)
 
 
-def mean_over_ranks(values, world):
-    """Average a list of floats over the ranks (logged statistics), unchanged when world == 1."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return t.tolist()
-
-
 def train_round(model, store, pairs, args, log, rnd, world, rank):
     """Epochs over the round's pairs; a global batch is batch_size pairs per rank, gradients averaged."""
-    optimizer = make_optimizer(model, args)  # fresh state: the proxy LoRA is a new set of weights
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)  # fresh state: the proxy LoRA is a new set of weights
     order = np.random.default_rng(args.seed + rnd).permutation(len(pairs))
     B, steps = args.batch_size, 0
     for epoch in range(args.epochs):
@@ -83,11 +73,11 @@ def train_round(model, store, pairs, args, log, rnd, world, rank):
             pi, n = logprob_sums(model, blocks * 2, pair_ids)  # chosen rows, then rejected rows
             with torch.no_grad(), lora.disabled(model):
                 ref, _ = logprob_sums(model, blocks * 2, pair_ids)
-            loss, rc, rr = dpo_loss(pi[:B], pi[B:], ref[:B], ref[B:], args.beta, args.loss, args.eps, n[:B], n[B:])
+            loss, rc, rr = dpo_loss(pi[:B], pi[B:], ref[:B], ref[B:], args.beta, args.loss, args.cdpo_eps, n[:B], n[B:])
             total = loss.mean()
             if args.guided:  # gDPO: CE on the ground-truth caption, a third sequence
                 gt_sum, gt_n = logprob_sums(model, blocks, [model.completion_ids(store.rows[i]["caption"]) for i, _, _ in batch])
-                total = guided_dpo_loss(loss, gt_sum, gt_n, args.lam)
+                total = guided_dpo_loss(loss, gt_sum, gt_n, args.guided_weight)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             sync_grads(model, world)
@@ -99,15 +89,6 @@ def train_round(model, store, pairs, args, log, rnd, world, rank):
                 f"rejected_reward={stats[2]:.4f} margin={stats[1] - stats[2]:.4f} accuracy={stats[3]:.3f} "
                 f"step_s={time.perf_counter() - t0:.2f}")
     return optimizer
-
-
-def gather(items, world):
-    """Every rank's list, concatenated in rank order, on every rank."""
-    if world == 1:
-        return items
-    out = [None] * world
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 def build_pairs(model, store, clips, args, rnd, log, world, rank):
@@ -140,9 +121,9 @@ def rebirth(model, store, args, log, test_store, world, rank):
     if not keep:
         log("rebirth: skipped (no self-labelled caption passed the filter)")
         return model
-    base = AVCaptioner.load(args.init, device=model.device)
+    base = checkpoint.load_model(args.init, device=model.device)
     base.set_trainable({"aligners", "decoder", "lora"})
-    optimizer = make_optimizer(base, argparse.Namespace(**{**vars(args), "lr": args.rebirth_lr}))
+    optimizer = make_optimizer(base, args.rebirth_lr, args.weight_decay)
     rng = np.random.default_rng(args.seed + rank)  # each rank draws its own batch; gradients are averaged
     for step in range(args.rebirth_steps):
         batch = [keep[j] for j in rng.choice(len(keep), size=min(args.batch_size, len(keep)), replace=False)]
@@ -156,22 +137,22 @@ def rebirth(model, store, args, log, test_store, world, rank):
         log(f"rebirth step={step + 1} loss={mean_over_ranks([out['loss'].item()], world)[0]:.4f}")
     if rank == 0:
         held_out(base, test_store, args.eval_n, log, "after rebirth")
-        base.save(args.out + "_rebirth")
+        checkpoint.save_model(base, args.out + "_rebirth")
     return base
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(p, init="out/sft", lora_r=16, lora_alpha=32.0)
     data_args(p)
     opt_args(p, steps=None, lr=5e-4, batch=8)
-    run_args(p, out="out/dpo", loop_flags=())
+    run_args(p, out="out/dpo")
     g = p.add_argument_group("DPO")
-    g.add_argument("--init", default="out/sft", help="SFT checkpoint (the pre-DPO model)")
     g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "cdpo", "ipo"], help="DPO variant")
-    g.add_argument("--guided", action="store_true", help="gDPO: add lambda * CE on the ground-truth caption")
-    g.add_argument("--lam", type=float, default=0.1, help="gDPO weight lambda")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    g.add_argument("--eps", type=float, default=0.1, help="cDPO label smoothing")
+    g.add_argument("--cdpo-eps", type=float, default=0.1, help="cDPO label smoothing epsilon (--loss cdpo)")
+    g.add_argument("--guided", action="store_true", help="gDPO: add lambda * CE on the ground-truth caption")
+    g.add_argument("--guided-weight", type=float, default=0.1, help="gDPO weight lambda of the ground-truth CE")
     g.add_argument("--rounds", type=int, default=1, help="DPO rounds (>1: multi-round DPO with a fresh LoRA proxy)")
     g.add_argument("--clips-per-round", type=int, default=256, help="training clips sampled each round")
     g.add_argument("--samples", type=int, default=4, help="captions sampled per clip")
@@ -180,26 +161,23 @@ def main():
     g.add_argument("--later-thresholds", default="total:0.2,repetition:-0.01", help="margins for rounds 2+")
     g.add_argument("--epochs", type=int, default=2, help="passes over each round's pairs")
     g.add_argument("--max-new-tokens", type=int, default=160, help="sampling length cap")
-    g.add_argument("--lora-r", type=int, default=16, help="proxy LoRA rank")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="proxy LoRA alpha")
     g.add_argument("--rebirth-clips", type=int, default=0, help="clips to self-label for rebirth tuning (0 = skip)")
     g.add_argument("--rebirth-steps", type=int, default=200, help="SFT steps of rebirth tuning")
     g.add_argument("--rebirth-lr", type=float, default=5e-4, help="rebirth tuning learning rate")
     args = p.parse_args()
-    rank, world, device = setup_distributed(args.device)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    rank, world, device, log = setup_distributed(args.device)
     ensure_toy_world(args, rank)
     rows, test_rows = read_splits(args.data)
     torch.manual_seed(args.seed)
+    # round-level resume: the checkpoint holds the merged model (and a fresh proxy LoRA) after its last round
+    path = checkpoint.resume_path(args.out) if args.resume else args.init
+    model = checkpoint.load_model(path, device=device)
+    add_lora(model, args.lora_r, args.lora_alpha)
+    model.set_trainable({"lora"})
     start = 0
-    if args.resume:  # round-level resume: the checkpoint holds the merged model after its last round
-        path = checkpoint.resume_path(args.out)
-        model = AVCaptioner.load(path, device=device)
-        start = checkpoint.load_state(path, make_optimizer(model, args))["round"]
+    if args.resume:  # the optimizer holds exactly the LoRA parameters the checkpoint's optimizer had
+        start = checkpoint.load_state(path, make_optimizer(model, args.lr, args.weight_decay))["round"]
         log(f"resumed after round {start}")
-    else:
-        model = AVCaptioner.load(args.init, device=device)
-    add_lora(model, args)
     cfg = model.cfg
     store, test_store = (ClipStore(r, cfg.fps, cfg.max_frames, cfg.vit.image_size) for r in (rows, test_rows))
     if rank == 0:
@@ -209,18 +187,15 @@ def main():
         clips = order[(rnd * args.clips_per_round) % len(rows):][:args.clips_per_round]
         pairs = build_pairs(model, store, clips, args, rnd, log, world, rank)
         optimizer = train_round(model, store, pairs, args, log, rnd, world, rank) \
-            if len(pairs) >= args.batch_size * world else make_optimizer(model, args)
+            if len(pairs) >= args.batch_size * world else make_optimizer(model, args.lr, args.weight_decay)
         lora.new_proxy(model)  # merge; the merged model is the next reference; a fresh proxy LoRA trains next
         if rank == 0:
             held_out(model, test_store, args.eval_n, log, f"after round {rnd + 1}")
             checkpoint.save(args.out, model, optimizer, {"round": rnd + 1, "args": vars(args)})
     if args.rebirth_clips:
         model = rebirth(model, store, args, log, test_store, world, rank)
-    if dist.is_initialized():
-        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
-        dist.barrier()  # both ranks idle before the gloo pairs close (else a rank can abort at exit)
-        dist.destroy_process_group()
+    teardown(model, log)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,7 +4,7 @@
     python train_grpo.py --init out/sft --weights 1,1,0 --out out/grpo_nolen   # without the length reward
     torchrun --nproc_per_node 2 train_grpo.py --init out/sft                     # DDP: gradients averaged
 
-Each step: G samples per clip from the KV-cache sampler (temperature T), rewards from the clip's
+Each step: G = --samples captions per clip from the KV-cache sampler (temperature T), rewards from the clip's
 checklist and dialogue, group-normalised advantages, then the clipped-surrogate loss plus beta * k3
 KL to the reference (the same model with its LoRA disabled: no second copy) over the sampled tokens,
 scored with the same temperature. --iterations mu (GRPO's inner loop, default 1) takes mu optimiser
@@ -14,40 +14,20 @@ clip act (ratio_dev = max |ratio - 1| of the last of them). Watch reward, the ze
 (groups that carry no signal) and caption length.
 """
 import argparse
-import re
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
 from avnano.data import ClipStore, Loader, read_splits
+from avnano.errors import run_main
 from avnano.evaluate import eval_split
+from avnano.grammar import dialogue
 from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
-from avnano.model import AVCaptioner
 from avnano.rewards import total_reward
-from train_sft import (data_args, ensure_toy_world, lr_at, make_optimizer, opt_args, rank_weight_diff, run_args,
-                       setup_distributed)
-
-SPEECH = re.compile(r"speaker (\w+) says \"([^\"]*)\"")
-
-
-def add_lora(model, args):
-    """A fresh LoRA on the decoder (recorded in the config, so checkpoints reload with it)."""
-    if model.cfg.lora_r == 0:
-        model.cfg.lora_r, model.cfg.lora_alpha = args.lora_r, args.lora_alpha
-        lora.inject(model.decoder, model.cfg.lora_targets, args.lora_r, args.lora_alpha)
-    model.set_trainable({"lora"})
-
-
-def sync_grads(model, world):
-    """Average gradients over ranks (the loss is computed outside DDP's forward)."""
-    if world > 1:
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+from avnano.training import (add_lora, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args, set_lr,
+                             setup_distributed, sync_grads, teardown)
 
 
 def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1):
@@ -59,7 +39,7 @@ def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1)
         if it == 0:
             old = logp.detach()
             kl = ((kl_k3(old, ref) * cmask).sum() / cmask.sum()).item() if ref is not None else 0.0
-        loss = grpo_loss(logp, old, ref, adv, cmask, args.beta, args.eps, args.eps_high, args.norm)
+        loss = grpo_loss(logp, old, ref, adv, cmask, args.beta, args.clip_eps, args.clip_eps_high, args.norm)
         if it == 0:
             first_loss = loss.item()
         optimizer.zero_grad(set_to_none=True)
@@ -74,9 +54,8 @@ def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1)
 def rewards_for(texts, rows, args):
     out = []
     for text, row in zip(texts, rows):
-        said = SPEECH.findall(text)
         gt = [(d["speaker"], d["text"]) for d in row.get("dialogue", [])]
-        out.append(total_reward(text, row.get("checklist", []), said, gt, args.max_words, args.weights))
+        out.append(total_reward(text, row.get("checklist", []), dialogue(text), gt, args.max_words, args.weights))
     return out
 
 
@@ -91,38 +70,36 @@ def held_out(model, store, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(p, init="out/sft", lora_r=16, lora_alpha=32.0)
     data_args(p)
     opt_args(p, steps=100, lr=5e-4, batch=4, warmup=10)
-    run_args(p, out="out/grpo", loop_flags=("--save-every", "--stop-after"))
+    run_args(p, out="out/grpo", save_every=200)
     g = p.add_argument_group("GRPO")
-    g.add_argument("--init", default="out/sft", help="SFT checkpoint to start from")
-    g.add_argument("--group", type=int, default=8, help="samples per clip G")
+    g.add_argument("--samples", type=int, default=8, help="captions sampled per clip (the group size G)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
     g.add_argument("--beta", type=float, default=0.04, help="k3 KL weight (0 skips the reference pass)")
     g.add_argument("--iterations", type=int, default=1,
                    help="optimisation steps on each batch of samples (GRPO's mu; > 1 makes the ratio and its clip active)")
-    g.add_argument("--eps", type=float, default=0.2, help="clip range (low side)")
-    g.add_argument("--eps-high", type=float, default=None, help="separate high clip (DAPO); default = --eps")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip range epsilon (low side)")
+    g.add_argument("--clip-eps-high", type=float, default=None, help="separate high clip (DAPO); default = --clip-eps")
     g.add_argument("--norm", default="grpo", choices=["grpo", "bnpo", "dapo", "dr_grpo"], help="loss normalisation")
     g.add_argument("--scale", default="std", choices=["std", "none"], help="advantage scaling (none = Dr. GRPO)")
     g.add_argument("--weights", type=lambda s: tuple(float(x) for x in s.split(",")), default=(1.0, 1.0, 1.0),
                    help="weights of R_C,R_D,R_L")
     g.add_argument("--max-words", type=int, default=0, help="R_L budget L_max (0 = 95th percentile of training captions)")
     g.add_argument("--max-new-tokens", type=int, default=160, help="sampling length cap")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank trained by GRPO")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha")
     args = p.parse_args()
-    rank, world, device = setup_distributed(args.device)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    rank, world, device, log = setup_distributed(args.device)
     ensure_toy_world(args, rank)
     rows, test_rows = read_splits(args.data)
     if not args.max_words:
         lengths = sorted(len(r["caption"].split()) for r in rows)
         args.max_words = lengths[int(0.95 * (len(lengths) - 1))]
     torch.manual_seed(args.seed)  # the same LoRA init on every rank; sampling draws from each rank's own generator
-    model = AVCaptioner.load(checkpoint.resume_path(args.out) if args.resume else args.init, device=device)
-    add_lora(model, args)
-    optimizer = make_optimizer(model, args)
+    model = checkpoint.load_model(checkpoint.resume_path(args.out) if args.resume else args.init, device=device)
+    add_lora(model, args.lora_r, args.lora_alpha)
+    model.set_trainable({"lora"})
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     state = {"step": 0, "epoch": 0, "batch": 0}
     if args.resume:
         state = checkpoint.load_state(checkpoint.resume_path(args.out), optimizer)
@@ -132,18 +109,18 @@ def main():
     loader = Loader(store, args.batch_size, args.seed, rank, world)
     stream = loader.iterate(state["epoch"], state["batch"])
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank + state["step"])
-    log(f"GRPO from {args.init}: G={args.group}, T={args.temperature}, beta={args.beta}, norm={args.norm}, "
-        f"weights={args.weights}, L_max={args.max_words} words; trainable {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    log(f"GRPO from {args.init}: G={args.samples}, T={args.temperature}, beta={args.beta}, norm={args.norm}, "
+        f"weights={args.weights}, L_max={args.max_words} words; trainable {lora.count_trainable(model)[0]}")
     if rank == 0:
         log("before: " + held_out(model, test_store, args))
     bar = tqdm(total=args.steps, initial=state["step"], desc="grpo", disable=rank != 0, leave=False)
     while state["step"] < args.steps:
         t0 = time.perf_counter()
         epoch, batch, items = next(stream)
-        state["epoch"], state["batch"] = (epoch, batch + 1) if batch + 1 < loader.batches_per_epoch else (epoch + 1, 0)
+        state["epoch"], state["batch"] = loader.next_position(epoch, batch)
         if not items:
             continue
-        G = args.group
+        G = args.samples
         with torch.no_grad():  # only the LoRA trains: encode each clip once, share it across its G samples
             blocks = [b for b in model.av_block(*([it[k] for it in items] for k in (1, 2, 3)))[0] for _ in range(G)]
         model.eval()
@@ -159,9 +136,7 @@ def main():
         if args.beta > 0:
             with torch.no_grad(), lora.disabled(model):
                 ref, _ = model.completion_logprobs(blocks, completions, args.temperature)
-        lr = lr_at(state["step"], args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, state["step"], args)
         first_loss, kl, ratio_dev, cmask, grad_norm = policy_steps(model, optimizer, blocks, completions, adv, ref, args, world)
         state["step"] += 1
         parts = {k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")}
@@ -173,15 +148,12 @@ def main():
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             checkpoint.save(args.out, model, optimizer, dict(state, args=vars(args)))
         if args.stop_after and state["step"] >= args.stop_after:
-            return
+            break
     bar.close()
-    if rank == 0:
+    if rank == 0 and state["step"] == args.steps:
         log("after: " + held_out(model, test_store, args))
-    if dist.is_initialized():
-        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
-        dist.barrier()  # both ranks idle before the gloo pairs close (else a rank can abort at exit)
-        dist.destroy_process_group()
+    teardown(model, log)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

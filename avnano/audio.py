@@ -119,6 +119,11 @@ def sinusoids(length, channels, max_timescale=10000):
     return torch.cat([t.sin(), t.cos()], dim=1)
 
 
+def _before(lengths, x):
+    """(B,) lengths, x (B, C, T) -> (B, 1, T) mask in x's dtype, 1 on row b's first lengths[b] steps."""
+    return (torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]).to(x.dtype)[:, None]
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
@@ -130,12 +135,22 @@ class AudioEncoder(nn.Module):
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-5)
 
-    def forward(self, mel, mask=None):
-        """mel (B, n_mels, frames) -> (B, cfg.n_tokens(frames), dim). mask: optional key mask for padded batches."""
+    def forward(self, mel, mask=None, lengths=None):
+        """mel (B, n_mels, frames) -> (B, cfg.n_tokens(frames), dim). For a padded batch, mask: the key mask
+        of the blocks; lengths: each row's real mel frames, so that its conv stem and pooling see zeros and
+        nothing else past its end, exactly as when the row is encoded alone."""
         x = F.gelu(self.conv1(mel))
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=x.device)
+            x = x * _before(lengths, x)
         x = F.gelu(self.conv2(x))
+        if lengths is not None:
+            real = _before((lengths + 1) // 2, x)  # the stride-2 conv
+            x = x * real
         if self.cfg.pool > 1:
             x = F.avg_pool1d(x, self.cfg.pool, ceil_mode=True)
+            if lengths is not None:  # a partial last window averages its real tokens only
+                x = x / F.avg_pool1d(real, self.cfg.pool, ceil_mode=True).clamp(min=1.0 / self.cfg.pool)
         x = x.transpose(1, 2)
         T = x.shape[1]
         if T > self.cfg.max_positions:
@@ -145,7 +160,3 @@ class AudioEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
-
-    def encode(self, audio):
-        """Waveform(s) at 16 kHz -> encoder tokens, in this config's mode (exact or native)."""
-        return self.forward(log_mel(audio, self.cfg.n_mels, self.cfg.exact, self.cfg.max_seconds).to(self.conv1.weight.dtype))

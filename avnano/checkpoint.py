@@ -1,26 +1,61 @@
-"""Training checkpoints that survive a kill at any moment: model + optimizer + RNG + step + data position.
+"""avnano checkpoints: the captioner's own files, and training state that survives a kill at any moment.
 
-Layout of a checkpoint directory: the AVCaptioner's own files (model.safetensors, config.json,
-tokenizer.json), optimizer.safetensors (every optimizer tensor plus the torch RNG state) and
+An AV model directory holds model.safetensors, config.json ({"avnano": AVConfig}) and tokenizer.json
+(`save_model` / `load_model`; `released_captioner` assembles one from three released towers). A
+training checkpoint adds optimizer.safetensors (every optimizer tensor plus the torch RNG state) and
 train_state.json (step, data position, argparse namespace, optimizer hyper-parameters). The whole
 directory is written under a temporary name and swapped in with os.replace; the previous one is
 kept as DIR.old until the swap is done, and `resume_path` falls back to it, so a kill mid-write
 never loses the last good checkpoint. Nothing is pickled.
 """
-import json
 import os
 import shutil
+from dataclasses import asdict, replace
 
 import torch
-from safetensors.torch import load_file
 
-from .weights import save_file_atomic, write_json_atomic
+from .errors import InputError
+from .model import AVCaptioner, AVConfig
+from .tokenizer import AV, Tokenizer
+from .weights import (load_audio_encoder, load_decoder, load_mapped, load_vit, read_config, read_safetensors, save_file_atomic,
+                      write_json_atomic)
+
+
+def save_model(model, path):
+    """model.safetensors + config.json + tokenizer.json, each written atomically."""
+    os.makedirs(path, exist_ok=True)
+    save_file_atomic(model.state_dict(), os.path.join(path, "model.safetensors"))
+    write_json_atomic({"avnano": asdict(model.cfg)}, os.path.join(path, "config.json"))
+    model.tok.save(path)
+
+
+def load_model(path, device="cpu"):
+    """An AV model directory -> AVCaptioner in eval mode; every missing, unexpected or mis-shaped key named."""
+    raw = read_config(path)
+    if "avnano" not in raw:
+        raise InputError(os.path.join(path, "config.json"), "not an avnano AV checkpoint (released LLMs load with sample.py --llm)")
+    model = AVCaptioner(AVConfig.from_dict(raw["avnano"]), Tokenizer.from_file(path))
+    state = read_safetensors(os.path.join(path, "model.safetensors"))
+    load_mapped(model, state, {k: k for k in model.state_dict()}, path)
+    return model.to(device).eval()
+
+
+def released_captioner(vit_dir, audio_dir, llm_dir, merge=1, exact_audio=True, **overrides):
+    """SigLIP/CLIP + Whisper encoder + Llama/Qwen2 LLM from three released directories, fresh aligners.
+    The tokenizer is the LLM's; the <|av|> placeholder is added if missing (it is replaced before
+    embedding, so it needs no row). overrides: AVConfig fields."""
+    vit, audio, dec = load_vit(vit_dir, merge=merge), load_audio_encoder(audio_dir, exact=exact_audio), load_decoder(llm_dir)
+    tok = Tokenizer.from_file(llm_dir)
+    if tok.tok.token_to_id(AV) is None:
+        tok.tok.add_special_tokens([AV])
+    cfg = replace(AVConfig(vit=vit.cfg, audio=audio.cfg, decoder=dec.cfg), **overrides)
+    return AVCaptioner(cfg, tok, vit=vit, audio=audio, decoder=dec)
 
 
 def save(path, model, optimizer, state):
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
+    save_model(model, tmp)
     opt = optimizer.state_dict()
     tensors, scalars = {"rng.torch": torch.get_rng_state()}, {}
     if torch.cuda.is_available():
@@ -46,14 +81,13 @@ def resume_path(path):
     for p in (path, path + ".old"):
         if os.path.exists(os.path.join(p, "train_state.json")):
             return p
-    raise FileNotFoundError(f"{path}: no complete checkpoint to resume from")
+    raise InputError(path, "no complete checkpoint to resume from")
 
 
 def load_state(path, optimizer):
     """Restore optimizer + RNG from a checkpoint directory; returns the saved state dict."""
-    with open(os.path.join(path, "train_state.json")) as f:
-        state = json.load(f)
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = read_config(os.path.join(path, "train_state.json"))
+    tensors = read_safetensors(os.path.join(path, "optimizer.safetensors"))
     opt_state = {}
     for key, v in tensors.items():
         if key.startswith("state."):

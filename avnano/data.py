@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from .media import MediaError, load_clip
+from .errors import InputError
+from .media import load_clip
 
 
 def read_splits(root):
@@ -29,11 +30,27 @@ def read_splits(root):
 
 
 def read_manifest(path):
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    root = os.path.dirname(os.path.abspath(path))
-    for r in rows:
-        r["path"] = r["video"] if os.path.isabs(r["video"]) else os.path.join(root, r["video"])
+    """JSONL rows, each with "path" = its video resolved against the manifest's folder. A malformed
+    row raises InputError naming file:line and the problem (a bad clip is only found, and skipped, later)."""
+    if not os.path.isfile(path):
+        raise InputError(path, "no such manifest file")
+    root, rows = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip())
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}", f"malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{n}", f"expected a JSON object, found a {type(row).__name__}")
+            for key in ("video", "caption"):
+                if not isinstance(row.get(key), str):
+                    raise InputError(f"{path}:{n}", f'missing "{key}" (a string)' if key not in row
+                                     else f'"{key}" must be a string, found a {type(row[key]).__name__}')
+            row["path"] = row["video"] if os.path.isabs(row["video"]) else os.path.join(root, row["video"])
+            rows.append(row)
     return rows
 
 
@@ -54,7 +71,7 @@ class ClipStore:
             return f, t, a.float() / 32767
         try:
             clip = load_clip(self.rows[i]["path"], self.fps, self.max_frames, self.size)
-        except (MediaError, OSError) as e:
+        except (InputError, OSError) as e:  # a bad clip (media.MediaError is an InputError)
             with self.lock:
                 if i not in self.bad:
                     self.bad[i] = str(e)
@@ -96,9 +113,11 @@ class Loader:
                 if got is not None:
                     items.append((self.store.rows[i], *got))
             q.put((epoch, batch, items))
-            batch += 1
-            if batch == self.batches_per_epoch:
-                epoch, batch = epoch + 1, 0
+            epoch, batch = self.next_position(epoch, batch)
+
+    def next_position(self, epoch, batch):
+        """The (epoch, batch) after this one: where the stream goes on, and what a checkpoint saves for --resume."""
+        return (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
 
     def iterate(self, epoch=0, batch=0):
         q, stop = queue.Queue(maxsize=self.prefetch), threading.Event()

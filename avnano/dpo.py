@@ -1,8 +1,8 @@
-"""Preference objectives for captions: sequence log-probs, DPO / cDPO / IPO, guided DPO, pair selection.
+"""Preference objectives for captions: DPO / cDPO / IPO, guided DPO, pair selection.
 
 DPO (Rafailov et al. 2023): with Delta = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)) over
 chosen c and rejected r, the loss is -log sigmoid(beta Delta), beta = 0.1. Sequence log-probs are
-*sums* over completion tokens (prompt and padding masked out).
+*sums* over completion tokens (prompt and padding masked out; AVCaptioner.completion_logprobs).
 cDPO (conservative, label smoothing eps): -(1 - eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta).
 IPO (Azar et al. 2023): (Delta_bar - 1 / (2 beta))^2 with Delta_bar built from per-token *averaged*
 log-ratios (IPO is the length-normalised one).
@@ -11,19 +11,7 @@ token-averaged, lambda = 0.1; it keeps the policy anchored to real captions whil
 Pair selection (video-SALMONN 2, Table 3): keep a pair only when the chosen caption beats the rejected
 one on every metric by that metric's threshold for the round.
 """
-import torch
 import torch.nn.functional as F
-
-
-def token_logprobs(logits, targets, temperature=1.0):
-    """log softmax(logits / T) at the targets: (B, T, V), (B, T) -> (B, T). Same T when sampling and scoring."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-
-
-def sequence_logprobs(logits, targets, mask):
-    """Sum of completion-token log-probs and the token counts: (B,), (B,). mask is 1 on completion tokens."""
-    lp = token_logprobs(logits, targets) * mask
-    return lp.sum(-1), mask.sum(-1)
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, kind="sigmoid", eps=0.0, n_c=None, n_r=None):

@@ -2,8 +2,8 @@
 import torch
 from tqdm import tqdm
 
+from .grammar import parse
 from .metrics import evaluate
-from .toyworld import parse
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ audio and visual tokens into one sequence for the decoder.
 Aligners: linear (AVicuna), two-layer MLP with GELU (LLaVA 1.5; video-SALMONN 2's visual aligner) and
 the window-level Q-Former of video-SALMONN 2 (SALMONN's audio aligner): learned queries cross-attend
 to the audio-encoder frames inside each fixed window (0.5 s -> 2 tokens per second by default).
+Every audio aligner returns (tokens, start time of each token).
 Interleavers are pure functions of (visual tokens per frame + frame times, audio tokens + their
 times) -> (tokens, times, modality), modality 0 = visual and 1 = audio:
   concat     [V; A], the baseline every other order is compared against;
@@ -27,14 +28,31 @@ class MLPAligner(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
 
-def make_aligner(kind, d_in, d_out, **qformer):
+def make_aligner(kind, d_in, d_out):
+    """Visual aligner: a token-wise map (linear or MLP) of the merged patch tokens."""
     if kind == "linear":
         return nn.Linear(d_in, d_out)
     if kind == "mlp":
         return MLPAligner(d_in, d_out)
+    raise ValueError(f"unknown visual aligner {kind!r} (linear, mlp)")
+
+
+def make_audio_aligner(kind, d_in, d_out, frames_per_second, window=0.5, n_queries=1):
+    """Audio aligner: encoder frames (T, d_in) -> (tokens, start time of each token in seconds)."""
     if kind == "qformer":
-        return WindowQFormer(d_in, d_out, **qformer)
-    raise ValueError(f"unknown aligner {kind!r} (linear, mlp, qformer)")
+        return WindowQFormer(d_in, d_out, window, n_queries, frames_per_second)
+    return FrameAligner(make_aligner(kind, d_in, d_out), frames_per_second)
+
+
+class FrameAligner(nn.Module):
+    """A linear / MLP aligner on every audio-encoder frame (AVicuna): one token per frame, timed at its start."""
+
+    def __init__(self, net, frames_per_second):
+        super().__init__()
+        self.net, self.frames_per_second = net, frames_per_second
+
+    def forward(self, x):
+        return self.net(x), torch.arange(len(x), device=x.device).float() / self.frames_per_second
 
 
 class WindowQFormer(nn.Module):

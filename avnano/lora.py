@@ -2,9 +2,9 @@
 B (out, r) zero, so a fresh adapter changes nothing.
 
 Operations the seed papers need: inject by module-name pattern (video-SALMONN 2 / LAVCap put LoRA on
-the LLM, LAVCap also on the audio encoder); merge W += (alpha/r) B A and un-merge; re-initialise a
-fresh adapter after merging (the multi-round DPO "LoRA proxy"); a context manager that switches
-adapters off, which gives reference log-probs without a second model copy; adapter-only safetensors.
+the LLM, LAVCap also on the audio encoder); merge W += (alpha/r) B A and re-initialise a fresh adapter
+(the multi-round DPO "LoRA proxy"); a context manager that switches adapters off, which gives
+reference log-probs without a second model copy.
 `LoRALinear` *is* an nn.Linear (same `weight` / `bias` names), so weight loaders and checkpoints of
 the base model keep their keys; the adapter adds `lora_A` / `lora_B`.
 """
@@ -15,9 +15,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
-from .weights import save_file_atomic
 
 
 class LoRALinear(nn.Linear):
@@ -71,16 +68,6 @@ def adapters(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def merge(model):
-    for m in adapters(model):
-        m.merge()
-
-
-def unmerge(model):
-    for m in adapters(model):
-        m.unmerge()
-
-
 def new_proxy(model):
     """mrDPO round step: fold the current adapter into the base weights, start a fresh (zero) one."""
     for m in adapters(model):
@@ -104,25 +91,6 @@ def disabled(model):
             m.enabled = enabled
             if merged:
                 m.merge()
-
-
-def adapter_state(model):
-    return {k: v for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
-
-
-def save_adapter(model, path):
-    save_file_atomic(adapter_state(model), path)
-
-
-def load_adapter(model, path):
-    state = load_file(path)
-    ours = adapter_state(model)
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-           for k in set(state) & set(ours) if state[k].shape != ours[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{path}: adapter does not fit: missing {missing}, unexpected {unexpected}, wrong shape {bad}")
-    model.load_state_dict(state, strict=False)
 
 
 def count_trainable(model):

@@ -44,19 +44,6 @@ def av_prefix(is_av):
     return causal(T, is_av.device) | is_av[:, None, :].bool()
 
 
-def documents(doc_ids):
-    """Packed sequences: causal within a document, nothing across. doc_ids (B, T); [0 0 1 1 1]:
-        1 0 0 0 0
-        1 1 0 0 0
-        0 0 1 0 0
-        0 0 1 1 0
-        0 0 1 1 1
-    """
-    T = doc_ids.shape[-1]
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return causal(T, doc_ids.device) & same
-
-
 def for_sdpa(mask):
     """(T, S) / (B, T, S) bool -> (B or 1, 1, T, S) for scaled_dot_product_attention.
     A row with no allowed key (a left-pad query under a causal mask) would make softmax return NaN;

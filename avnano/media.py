@@ -7,10 +7,14 @@ time base, never the frame index, so variable frame rates are right) is nearest.
 swscale while decoding, so a huge resolution never lands in memory at full size.
 Audio is decoded by PyAV from any container (soundfile for .wav/.flac/.ogg), mixed down to mono and
 resampled to 16 kHz. Documented fallbacks, all reported on the returned Clip:
-- a video with no audio stream -> silence of the video's duration (clip.has_audio = False);
+- a video with no audio stream (or one with no samples) -> silence of the video's duration
+  (clip.has_audio = False);
 - an audio-only file -> no frames (clip.has_video = False).
-Everything else that is wrong (missing file, not media, truncated, empty stream) raises MediaError
-naming the file and the problem.
+- a truncated file whose index survives (mkv/webm, an mp4 with its index first) decodes partially:
+  the frames and audio before the cut are kept, and the duration is what the video stream still holds.
+  An mp4 with its index last (the usual layout) loses the index when cut, and cannot be opened.
+Everything else that is wrong (missing file, not media, an mp4 cut before its index, an empty stream)
+raises MediaError, an errors.InputError, naming the file and the problem: scripts print it in one line.
 """
 import os
 from dataclasses import dataclass
@@ -21,13 +25,19 @@ import numpy as np
 import soundfile
 import torch
 
+from .errors import InputError
+
 SAMPLE_RATE = 16000
 SOUNDFILE_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
-class MediaError(ValueError):
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
+class MediaError(InputError):
+    """A media file that cannot be read: missing, empty, not media, truncated, no usable stream."""
+
+
+# the first bytes of the containers that truncation typically breaks (offset, signature, name)
+SIGNATURES = ((4, b"ftyp", "MP4/MOV"), (0, b"\x1aE\xdf\xa3", "Matroska/WebM"), (0, b"RIFF", "RIFF (AVI/WAV)"),
+              (0, b"OggS", "Ogg"), (0, b"fLaC", "FLAC"), (0, b"ID3", "MP3"))
 
 
 @dataclass
@@ -46,15 +56,31 @@ def frame_times_for(duration, fps, max_frames):
     return [(i + 0.5) * duration / n for i in range(n)]
 
 
-def _open(path):
+def _check(path):
     if not os.path.exists(path):
         raise MediaError(path, "no such file")
+    if os.path.isdir(path):
+        raise MediaError(path, "is a directory, not a media file")
     if os.path.getsize(path) == 0:
         raise MediaError(path, "file is empty")
+
+
+def _unreadable(path, reason):
+    """Name what the file looks like: a known container that fails to open is truncated or corrupt."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    for at, magic, name in SIGNATURES:
+        if head[at:at + len(magic)] == magic:
+            return MediaError(path, f"truncated or corrupt {name} file ({reason})")
+    return MediaError(path, f"not a readable media file ({reason})")
+
+
+def _open(path):
+    _check(path)
     try:
         return av.open(path)
     except av.error.FFmpegError as e:
-        raise MediaError(path, f"not a readable media file ({e})") from None
+        raise _unreadable(path, e.strerror) from None
 
 
 def _stream_duration(container, stream):
@@ -94,7 +120,7 @@ def _decode_frames(path, container, stream, fps, max_frames, size):
                 got[t] = frame.to_ndarray(format="rgb24", width=w, height=h)  # swscale does the resize
     except av.error.FFmpegError as e:
         if not got:
-            raise MediaError(path, f"video stream could not be decoded ({e})") from None
+            raise MediaError(path, f"video stream could not be decoded ({e.strerror})") from None
     if not got:
         raise MediaError(path, "video stream has no decodable frames")
     kept = sorted(got)  # frames that failed to decode (truncation) are dropped, the rest keep their times
@@ -115,10 +141,14 @@ def _resample(chunks):
 
 def _decode_audio_av(path, container, stream):
     def frames():
+        n = 0
         try:
-            yield from container.decode(stream)
+            for n, frame in enumerate(container.decode(stream), 1):
+                yield frame
         except av.error.FFmpegError as e:
-            raise MediaError(path, f"audio stream could not be decoded ({e})") from None
+            if n == 0:
+                raise MediaError(path, f"audio stream could not be decoded ({e.strerror})") from None
+            # a truncated file: keep the audio before the damage
     audio = _resample(frames())
     seconds = _stream_duration(container, stream)
     if seconds:  # codecs like AAC pad the last frame: cut back to the stream's stated duration
@@ -129,10 +159,11 @@ def _decode_audio_av(path, container, stream):
 def load_audio(path):
     """Any audio (or video) file -> float32 mono 16 kHz tensor."""
     if path.lower().endswith(SOUNDFILE_SUFFIXES):
+        _check(path)
         try:
             data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-        except (RuntimeError, soundfile.LibsndfileError) as e:
-            raise MediaError(path, f"not a readable audio file ({e})") from None
+        except RuntimeError as e:  # soundfile's errors (LibsndfileError names the problem in error_string)
+            raise _unreadable(path, getattr(e, "error_string", str(e))) from None
         if data.shape[0] == 0:
             raise MediaError(path, "audio stream has no samples")
         mono = data.mean(axis=1)

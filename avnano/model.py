@@ -1,6 +1,6 @@
 """The audio-visual captioner: ViT + audio encoder -> aligners -> interleaver -> decoder, its loss and sampling.
 
-Data flow (DESIGN.md §3): frames -> ViT patch tokens -> visual aligner; 16 kHz audio -> segments of
+Data flow: frames -> ViT patch tokens -> visual aligner; 16 kHz audio -> segments of
 at most t_max -> log-mel -> audio encoder -> (+ segment embedding) -> window Q-Former; then an
 interleaver orders both streams into one AV block that replaces the `<|av|>` placeholder of the
 ChatML prompt, and the decoder reads prompt + AV block + caption as `inputs_embeds`.
@@ -8,7 +8,9 @@ Loss = cross-entropy on the caption tokens (optional label smoothing, AVCap eps 
 lambda * LAVCap OT alignment loss. The attention mask is AVCap's prefix mask M (AV block
 bidirectional, caption causal) or plain causal, a config choice; positions are sequential or
 time-aligned (Qwen2.5-Omni style, see interleave.time_positions).
-Every switch the papers ablate is a config field, so one script can compare them.
+Every switch the papers ablate is a config field, so one script can compare them. The pieces live
+in their own files: interleave.py (aligners, orders), layout.py (prompt + AV block + caption ->
+decoder inputs), grounding.py (the grounding loss), checkpoint.py (save / load).
 Departure (`visual_delta`, on in the tiny preset): the visual aligner reads each frame's merged patch
 tokens next to its change since the previous frame, taken per patch and then merged both ways:
 [merge(h_t), merge(h_t - h_{t-1}), merge(h_{t-1} - h_t)] (with max-pooling: the largest rise and the
@@ -16,24 +18,21 @@ largest fall of each feature over the patches; the motion stream of two-stream v
 Simonyan & Zisserman 2014). Appear / disappear / move / bounce are then visible in one token, and the
 identity of whatever moved survives the merge (a change of the merged token would cancel it out).
 """
-import json
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from . import lora, masks
-from .audio import SAMPLE_RATE, AudioConfig, AudioEncoder, log_mel
+from . import grounding, lora, masks
+from .audio import HOP, SAMPLE_RATE, AudioConfig, AudioEncoder, log_mel
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
-from .interleave import AUDIO, VISUAL, SegmentEmbedding, TimeEmbedding, WindowQFormer, interleave, make_aligner, time_positions
+from .interleave import SegmentEmbedding, TimeEmbedding, interleave, make_aligner, make_audio_aligner
+from .layout import assemble, attention_mask
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
 from .vit import ViT, ViTConfig, preprocess
-from .weights import save_file_atomic, write_json_atomic
 
 
 @dataclass
@@ -95,14 +94,12 @@ PRESETS = {
 
 def preset(name, vocab_size, **overrides):
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} (or AVCaptioner.from_released)")
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} (or checkpoint.released_captioner)")
     p = PRESETS[name]
     cfg = AVConfig(vit=ViTConfig(**p["vit"]), audio=AudioConfig(**p["audio"]),
                    decoder=DecoderConfig(vocab_size=vocab_size, **p["decoder"]),
                    **{k: v for k, v in p.items() if k not in ("vit", "audio", "decoder")})
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    return replace(cfg, **overrides)  # an unknown override raises TypeError naming it
 
 
 class AVCaptioner(nn.Module):
@@ -114,9 +111,8 @@ class AVCaptioner(nn.Module):
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
         self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * (3 if cfg.visual_delta else 1), D)
-        self.audio_aligner = make_aligner(cfg.audio_aligner, cfg.audio.dim, D, window=cfg.window,
-                                          n_queries=cfg.n_queries, frames_per_second=cfg.audio.tokens_per_second) \
-            if cfg.audio_aligner == "qformer" else make_aligner(cfg.audio_aligner, cfg.audio.dim, D)
+        self.audio_aligner = make_audio_aligner(cfg.audio_aligner, cfg.audio.dim, D, cfg.audio.tokens_per_second, cfg.window,
+                                                cfg.n_queries)
         self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
         self.time_embed = TimeEmbedding(D) if cfg.time_embed else None
         if cfg.lora_r > 0:
@@ -135,43 +131,36 @@ class AVCaptioner(nn.Module):
         if self.cfg.visual_delta:  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
             d = torch.cat([f - torch.cat([f[:1], f[:-1]]) for f in h.split([c for c in counts if c])])
             x = torch.cat([x, self.vit.merge(d), self.vit.merge(-d)], -1)
-        tokens = self.visual_aligner(x)
-        return list(tokens.split(counts))
+        return list(self.visual_aligner(x).split(counts))
 
     def encode_audio(self, audio_list):
         """[float (samples_i,)] at 16 kHz -> [(tokens (l_i, D), start times (l_i,))]. Audio longer than
         the encoder's t_max is cut into segments, encoded in one padded batch, each segment trimmed to
-        its own length, offset in time and given its segment embedding."""
-        D = self.cfg.decoder.dim
+        its own length, aligned (tokens + their times), offset in time and given its segment embedding."""
+        D, acfg = self.cfg.decoder.dim, self.cfg.audio
         if "a" not in self.cfg.modalities:
             return [(torch.zeros(0, D, device=self.device), torch.zeros(0, device=self.device)) for _ in audio_list]
-        seg_samples = int(self.cfg.audio.max_seconds * SAMPLE_RATE)
-        pieces = []  # (clip, segment, waveform)
-        for c, wav in enumerate(audio_list):
-            for s, start in enumerate(range(0, max(len(wav), 1), seg_samples)):
-                pieces.append((c, s, wav[start:start + seg_samples]))
-        mels = [log_mel(w.float(), self.cfg.audio.n_mels, self.cfg.audio.exact, self.cfg.audio.max_seconds)[0]
-                for _, _, w in pieces]
-        lengths = [max(1, self.cfg.audio.n_tokens(len(w) // 160)) for _, _, w in pieces]  # encoder tokens of real audio
+        seg_samples = int(acfg.max_seconds * SAMPLE_RATE)
+        pieces = [(c, s, wav[start:start + seg_samples])  # (clip, segment, waveform)
+                  for c, wav in enumerate(audio_list) for s, start in enumerate(range(0, max(len(wav), 1), seg_samples))]
+        mels = [log_mel(w.float(), acfg.n_mels, acfg.exact, acfg.max_seconds)[0] for _, _, w in pieces]
+        lengths = [max(1, acfg.n_tokens(len(w) // HOP)) for _, _, w in pieces]  # encoder tokens of real audio
         T = max(m.shape[-1] for m in mels)
         mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
-        n_tok = self.cfg.audio.n_tokens(T)
+        n_tok = acfg.n_tokens(T)
         valid = torch.arange(n_tok, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         # native mode masks the batch padding; exact mode attends over its 30 s padding as Whisper was trained
-        key_mask = None if self.cfg.audio.exact else masks.for_sdpa(masks.key_padding(valid).expand(-1, n_tok, -1))
+        key_mask = None if acfg.exact else masks.for_sdpa(masks.key_padding(valid).expand(-1, n_tok, -1))
         hidden = self.audio(mel, key_mask)
         out = [[] for _ in audio_list]
         for (c, s, _), h, n in zip(pieces, hidden, lengths):
-            h = h[:n]
-            if isinstance(self.audio_aligner, WindowQFormer):
-                tok, times = self.audio_aligner(h)
-            else:
-                tok, times = self.audio_aligner(h), torch.arange(n, device=self.device).float() / self.cfg.audio.tokens_per_second
-            out[c].append((self.segment_embed(tok, s), times + s * self.cfg.audio.max_seconds))
+            tokens, times = self.audio_aligner(h[:n])
+            out[c].append((self.segment_embed(tokens, s), times + s * acfg.max_seconds))
         return [(torch.cat([t for t, _ in o]), torch.cat([x for _, x in o])) for o in out]
 
     def av_block(self, frames_list, frame_times_list, audio_list):
-        """Per clip: interleaved (tokens (N, D), times (N,), modality (N,)) and the OT loss (0 if off)."""
+        """Per clip: interleaved content tokens (N, D), their times (N,) and modality (N,); and the OT
+        loss (0 if off). The clock (time embedding) is added later, by layout.assemble."""
         visual = self.encode_visual(frames_list)
         audio = self.encode_audio(audio_list)
         blocks, ot_terms = [], []
@@ -183,120 +172,42 @@ class AVCaptioner(nn.Module):
                 if self.cfg.ot_fusion:
                     flat, a = ot_fuse(flat, a, self.cfg.ot_eps, self.cfg.ot_iters)
                     v = flat.view_as(v)
-            tokens, times, modality = interleave(self.cfg.interleave, v, ft.to(self.device), a, at, self.cfg.air, self.cfg.chunk_seconds)
-            if self.time_embed is not None:
-                tokens = tokens + self.time_embed(times)
-            blocks.append((tokens, times, modality))
+            blocks.append(interleave(self.cfg.interleave, v, ft.to(self.device), a, at, self.cfg.air, self.cfg.chunk_seconds))
         ot = torch.stack(ot_terms).mean() if ot_terms else torch.zeros((), device=self.device)
         return blocks, ot
 
-    # ----------------------------------------------------------------------------------- sequences
+    # ----------------------------------------------------------------------------------- training / scoring / sampling
     def render(self, caption=None, prompt=None):
         """ChatML ids + loss mask for (prompt with the AV placeholder, caption)."""
         msgs = [{"role": "user", "content": f"{AV}\n{prompt or self.cfg.prompt}"}]
         return self.tok.render(msgs, completion=caption)
 
-    def assemble(self, blocks, ids_list, loss_masks=None, left_pad=False):
-        """Splice each AV block into its ids at the placeholder (the first one: the prompt's; an AV token
-        a sampled completion happens to contain stays an ordinary token, so scoring it never fails).
-        Returns padded inputs_embeds (B, L, D), positions (B, L), is_av (B, L), valid (B, L) and
-        labels (B, L) (-100 where no loss; labels[t] is the token to predict *at* position t, i.e.
-        already shifted)."""
-        rows = []
-        for i, ((av, times, _), ids) in enumerate(zip(blocks, ids_list)):
-            ids = torch.as_tensor(ids, device=self.device)
-            k = (ids == self.av_id).nonzero()
-            if len(k) == 0:
-                raise ValueError(f"sample {i}: no {AV} placeholder in its ids")
-            k = int(k[0])
-            before, after = ids[:k], ids[k + 1:]
-            emb = self.decoder.embed
-            x = torch.cat([emb(before), av.to(emb.weight.dtype), emb(after)])
-            n_av = len(av)
-            if self.cfg.time_positions:
-                av_pos = time_positions(times, k, self.cfg.ids_per_second)
-                nxt = (av_pos.max() + 1) if n_av else torch.tensor(k, device=self.device)
-                pos = torch.cat([torch.arange(k, device=self.device), av_pos, nxt + torch.arange(len(after), device=self.device)])
-            else:
-                pos = torch.arange(len(x), device=self.device)
-            is_av = torch.zeros(len(x), dtype=torch.bool, device=self.device)
-            is_av[k:k + n_av] = True
-            labels = torch.full((len(x),), -100, dtype=torch.long, device=self.device)
-            if loss_masks is not None:
-                lm = torch.as_tensor(loss_masks[i], device=self.device).bool()
-                tgt = torch.cat([torch.full((k + n_av,), -100, device=self.device, dtype=torch.long),
-                                 torch.where(lm[k + 1:], after, -100)])
-                labels[:-1] = tgt[1:]  # position t predicts token t+1
-            rows.append((x, pos, is_av, labels))
-        L = max(len(r[0]) for r in rows)
-        B, D = len(rows), rows[0][0].shape[-1]
-        X = torch.zeros(B, L, D, device=self.device, dtype=rows[0][0].dtype)
-        P = torch.zeros(B, L, dtype=torch.long, device=self.device)
-        A = torch.zeros(B, L, dtype=torch.bool, device=self.device)
-        V = torch.zeros(B, L, dtype=torch.bool, device=self.device)
-        Y = torch.full((B, L), -100, dtype=torch.long, device=self.device)
-        for b, (x, pos, is_av, labels) in enumerate(rows):
-            s = slice(L - len(x), L) if left_pad else slice(0, len(x))
-            X[b, s], P[b, s], A[b, s], V[b, s], Y[b, s] = x, pos, is_av, True, labels
-        return X, P, A, V, Y
+    def completion_ids(self, caption):
+        """The token ids a caption is trained on (its text + end token), as render() produces them."""
+        ids, mask = self.render(caption)
+        return [i for i, m in zip(ids, mask) if m]
 
-    def attention_mask(self, is_av, valid):
-        """AVCap prefix mask or plain causal, with padded keys masked. None = exactly causal (fast path)."""
-        if self.cfg.mask == "prefix":
-            return masks.for_sdpa(masks.av_prefix(is_av) & masks.key_padding(valid))
-        if self.cfg.mask != "causal":
-            raise ValueError(f"unknown mask {self.cfg.mask!r} (prefix, causal)")
-        right_padded = bool((valid.long().diff(dim=1) <= 0).all())
-        return None if right_padded else masks.for_sdpa(masks.causal(valid.shape[1], valid.device) & masks.key_padding(valid))
-
-    # ----------------------------------------------------------------------------------- training / sampling
-    def ground_targets(self, spans):
-        """toyworld.grounding() spans -> [(t0, t1, modality ids, token ids)]: the ids of the span's
-        caption text whose text is one of its words (so 'tiger' and ' tiger' keep the caption's own token)."""
-        return [(t0, t1, [{"v": VISUAL, "a": AUDIO}[m] for m in mods],
-                 [i for i in self.tok.encode(text) if self.tok.decode([i]).strip(' "') in words])
-                for t0, t1, mods, text, words in spans]
-
-    def grounding_loss(self, blocks, targets):
-        """Logit-lens grounding (departure, ours): each AV token inside an event's span, read by the
-        decoder's own final norm and output head, should name the event's words (cross-entropy
-        averaged over the words). The decoder then only has to copy a token to say what it shows,
-        instead of first discovering a faint direction in it (speaker and word identity were < 2 %
-        of the audio tokens' variance without it). It reads each token less its time embedding: on the
-        whole token it also pulled the clock toward the words (held-out mean tIoU 0.80 -> 0.71)."""
-        tokens = torch.cat([b[0] - self.time_embed(b[1]) if self.time_embed is not None else b[0] for b in blocks])
-        rows, ids, w, offset = [], [], [], 0  # sparse (token row, word id, weight) triples; no tokens x vocab matrix
-        for (_, times, modality), spans in zip(blocks, targets):
-            times, modality = times.cpu(), modality.cpu()
-            for t0, t1, mods, span_ids in self.ground_targets(spans):
-                inside = (times >= t0 - 1e-3) & (times <= t1 + 1e-3) & torch.isin(modality, torch.tensor(mods))
-                r = inside.nonzero()[:, 0] + offset
-                if len(r) and span_ids:
-                    rows.append(r.repeat_interleave(len(span_ids)))
-                    ids.append(torch.tensor(span_ids).repeat(len(r)))
-                    w.append(torch.full((len(r) * len(span_ids),), 1.0 / (len(r) * len(span_ids))))
-            offset += len(times)
-        if not rows:
-            return torch.zeros((), device=self.device)
-        used, row = torch.unique(torch.cat(rows), return_inverse=True)
-        logp = torch.log_softmax(self.decoder.logits(self.decoder.norm(tokens[used.to(self.device)])).float(), -1)
-        picked = logp[row.to(self.device), torch.cat(ids).to(self.device)]
-        return -(torch.cat(w).to(self.device) * picked).sum() / len(rows)
+    def _hidden(self, blocks, ids, loss_masks):
+        """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels."""
+        x = assemble(self, blocks, ids, loss_masks)
+        h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid),
+                         return_hidden=True)
+        return h, x
 
     def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False, ground=None):
-        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens).
-        ground: per clip, toyworld.grounding() spans (used when cfg.ground_weight > 0)."""
+        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens, n_seq).
+        ground: per clip, grounding.spans() of its events (used when cfg.ground_weight > 0)."""
         blocks, ot = self.av_block(frames, frame_times, audio)
-        g = self.grounding_loss(blocks, ground) if ground is not None and self.cfg.ground_weight > 0 \
+        g = grounding.loss(self, blocks, ground) if ground is not None and self.cfg.ground_weight > 0 \
             else torch.zeros((), device=self.device)
-        X, P, A, V, Y = self.assemble(blocks, ids, loss_mask)
-        h = self.decoder(inputs_embeds=X, positions=P, mask=self.attention_mask(A, V), return_hidden=True)
-        sel = Y != -100
+        h, x = self._hidden(blocks, ids, loss_mask)
+        sel = x.labels != -100
         logits = self.decoder.logits(h[sel]).float()
-        ce = F.cross_entropy(logits, Y[sel], label_smoothing=self.cfg.label_smoothing)
-        out = dict(loss=ce + self.cfg.ot_weight * ot + self.cfg.ground_weight * g, ce=ce, ot=ot, ground=g, n_tokens=int(sel.sum()), n_seq=int(V.sum()))
+        ce = F.cross_entropy(logits, x.labels[sel], label_smoothing=self.cfg.label_smoothing)
+        out = dict(loss=ce + self.cfg.ot_weight * ot + self.cfg.ground_weight * g, ce=ce, ot=ot, ground=g,
+                   n_tokens=int(sel.sum()), n_seq=int(x.valid.sum()))
         if return_hidden:
-            out.update(hidden=h, is_av=A)
+            out.update(hidden=h, is_av=x.is_av)
         return out
 
     def completion_logprobs(self, blocks, completions, temperature=1.0, prompt=None):
@@ -307,30 +218,23 @@ class AVCaptioner(nn.Module):
         prompt_ids = self.render(prompt=prompt)[0]
         ids = [prompt_ids + list(c) for c in completions]
         loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
-        X, P, A, V, Y = self.assemble(blocks, ids, loss_masks)
-        h = self.decoder(inputs_embeds=X, positions=P, mask=self.attention_mask(A, V), return_hidden=True)
-        sel = Y != -100  # row by row, in order: exactly the completion tokens
-        logp = torch.log_softmax(self.decoder.logits(h[sel]).float() / temperature, -1).gather(-1, Y[sel][:, None])[:, 0]
+        h, x = self._hidden(blocks, ids, loss_masks)
+        sel = x.labels != -100  # row by row, in order: exactly the completion tokens
+        logp = torch.log_softmax(self.decoder.logits(h[sel]).float() / temperature, -1).gather(-1, x.labels[sel][:, None])[:, 0]
         lengths = torch.tensor([len(c) for c in completions], device=self.device)
         mask = torch.arange(int(lengths.max()), device=self.device)[None] < lengths[:, None]
         out = torch.zeros(mask.shape, device=self.device)
         out[mask] = logp
         return out, mask.float()
 
-    def completion_ids(self, caption):
-        """The token ids a caption is trained on (its text + end token), as render() produces them."""
-        ids, mask = self.render(caption)
-        return [i for i, m in zip(ids, mask) if m]
-
     @torch.no_grad()
     def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, blocks=None, **sampling):
         """Captions (list of str) for a batch of clips, or for already encoded `blocks` (then frames,
         frame_times and audio are ignored); sampling kwargs as avnano.generate.generate."""
         blocks = blocks if blocks is not None else self.av_block(frames, frame_times, audio)[0]
-        ids = [self.render(prompt=prompt)[0] for _ in blocks]
-        X, P, A, V, _ = self.assemble(blocks, ids, left_pad=True)
-        prefill = masks.av_prefix(A) if self.cfg.mask == "prefix" else None
-        out = generate(self.decoder, inputs_embeds=X, attention_mask=V, positions=P, prefill_mask=prefill,
+        x = assemble(self, blocks, [self.render(prompt=prompt)[0] for _ in blocks], left_pad=True)
+        prefill = masks.av_prefix(x.is_av) if self.cfg.mask == "prefix" else None
+        out = generate(self.decoder, inputs_embeds=x.embeds, attention_mask=x.valid, positions=x.positions, prefill_mask=prefill,
                        eos_ids=self.tok.eos_ids, pad_id=self.tok.pad_id, **sampling)
         stop = set(self.tok.eos_ids) | {self.tok.pad_id}
         texts = []
@@ -339,7 +243,7 @@ class AVCaptioner(nn.Module):
             texts.append(self.tok.decode(row[:cut]))
         return (texts, out) if return_ids else texts
 
-    # ----------------------------------------------------------------------------------- groups, I/O
+    # ----------------------------------------------------------------------------------- parameter groups
     def param_groups(self):
         """name -> group: vit, audio, aligners, decoder, lora (for staged training)."""
         groups = {}
@@ -368,45 +272,3 @@ class AVCaptioner(nn.Module):
     @property
     def dtype(self):
         return self.decoder.embed.weight.dtype
-
-    def save(self, path):
-        """model.safetensors + config.json + tokenizer, each written atomically."""
-        os.makedirs(path, exist_ok=True)
-        save_file_atomic(self.state_dict(), os.path.join(path, "model.safetensors"))
-        write_json_atomic({"avnano": asdict(self.cfg)}, os.path.join(path, "config.json"))
-        self.tok.save(path)
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        file = os.path.join(path, "config.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: not an avnano checkpoint directory")
-        with open(file) as f:
-            raw = json.load(f)
-        if "avnano" not in raw:
-            raise ValueError(f"{file}: not an avnano AV checkpoint (released LLMs load with sample.py --llm)")
-        model = cls(AVConfig.from_dict(raw["avnano"]), Tokenizer.from_file(path))
-        state = load_file(os.path.join(path, "model.safetensors"))
-        ours = model.state_dict()
-        problems = [f"missing {k}" for k in sorted(set(ours) - set(state))] + \
-                   [f"unexpected {k}" for k in sorted(set(state) - set(ours))] + \
-                   [f"wrong shape {k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
-                    for k in sorted(set(state) & set(ours)) if state[k].shape != ours[k].shape]
-        if problems:
-            raise ValueError(f"{path}: checkpoint does not fit its config:\n  " + "\n  ".join(problems))
-        model.load_state_dict(state)
-        return model.to(device).eval()
-
-    @classmethod
-    def from_released(cls, vit_dir, audio_dir, llm_dir, merge=1, exact_audio=True, **overrides):
-        """The 'released' preset: SigLIP/CLIP + Whisper encoder + Llama/Qwen2 LLM from three directories,
-        fresh aligners. The tokenizer is the LLM's; the <|av|> placeholder is added if missing."""
-        from .weights import load_audio_encoder, load_decoder, load_vit
-        vit, audio, dec = load_vit(vit_dir, merge=merge), load_audio_encoder(audio_dir, exact=exact_audio), load_decoder(llm_dir)
-        tok = Tokenizer.from_file(llm_dir)
-        if tok.tok.token_to_id(AV) is None:  # the placeholder is replaced before embedding: it needs no row
-            tok.tok.add_special_tokens([AV])
-        cfg = AVConfig(vit=vit.cfg, audio=audio.cfg, decoder=dec.cfg)
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-        return cls(cfg, tok, vit=vit, audio=audio, decoder=dec)

@@ -12,6 +12,8 @@ through C only). OT-attention fusion mixes each stream with the other through th
 Departure: LAVCap fuses in its own attention module; here the fused tokens simply replace the
 aligner outputs before interleaving.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -19,10 +21,8 @@ import torch.nn.functional as F
 def sinkhorn(cost, a=None, b=None, eps=0.1, iters=50):
     """cost (..., n, m) -> plan (..., n, m) with row sums a and column sums b (uniform by default)."""
     n, m = cost.shape[-2:]
-    log_a = torch.full(cost.shape[:-1], -torch.log(torch.tensor(float(n))), dtype=cost.dtype, device=cost.device) \
-        if a is None else a.log()
-    log_b = torch.full(cost.shape[:-2] + (m,), -torch.log(torch.tensor(float(m))), dtype=cost.dtype, device=cost.device) \
-        if b is None else b.log()
+    log_a = torch.full(cost.shape[:-1], -math.log(n), dtype=cost.dtype, device=cost.device) if a is None else a.log()
+    log_b = torch.full(cost.shape[:-2] + (m,), -math.log(m), dtype=cost.dtype, device=cost.device) if b is None else b.log()
     K = -cost / eps
     f = torch.zeros_like(log_a)
     g = torch.zeros_like(log_b)
@@ -33,21 +33,23 @@ def sinkhorn(cost, a=None, b=None, eps=0.1, iters=50):
 
 
 def cosine_cost(x, y):
-    """1 - cos between every row of x (n, D) and y (m, D)."""
-    return 1.0 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+    """1 - cos between every row of x (n, D) and y (m, D), in float32 even under autocast: Sinkhorn
+    divides it by eps = 0.1, and bf16's 3 significant digits would then move the plan."""
+    with torch.autocast(x.device.type, enabled=False):
+        return 1.0 - F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).transpose(-1, -2)
 
 
 def ot_loss(visual, audio, eps=0.1, iters=50):
     """LAVCap alignment loss <P*, C> between visual (n, D) and audio (m, D) tokens."""
     cost = cosine_cost(visual, audio)
     with torch.no_grad():
-        plan = sinkhorn(cost.float(), eps=eps, iters=iters).to(cost.dtype)
+        plan = sinkhorn(cost, eps=eps, iters=iters)
     return (plan * cost).sum()
 
 
 def ot_fuse(visual, audio, eps=0.1, iters=50):
     """OT-attention fusion: (v + n_v P a, a + n_a P^T v) with the (no-grad) plan P between them."""
     with torch.no_grad():
-        plan = sinkhorn(cosine_cost(visual, audio).float(), eps=eps, iters=iters).to(visual.dtype)
+        plan = sinkhorn(cosine_cost(visual, audio), eps=eps, iters=iters).to(visual.dtype)
     n_v, n_a = plan.shape
     return visual + n_v * plan @ audio, audio + n_a * plan.transpose(0, 1) @ visual

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .interleave import AUDIO
+from .layout import assemble
 from .masks import av_prefix, causal
 
 COLOURS = {"text": (220, 220, 220), "visual": (90, 150, 230), "audio": (240, 150, 60), "caption": (120, 200, 120)}
@@ -39,7 +40,7 @@ def layout(model, clip, caption="a caption goes here."):
     with torch.no_grad():
         blocks, _ = model.av_block(frames, times, audio)
         ids, loss_mask = model.render(caption)
-        X, P, A, V, Y = model.assemble(blocks, [ids], [loss_mask])
+        x = assemble(model, blocks, [ids], [loss_mask])
     tokens, tok_times, modality = blocks[0]
     k = ids.index(model.av_id)
     slots = [("text", model.tok.decode([i], skip_special=False), 0) for i in ids[:k]]
@@ -52,8 +53,8 @@ def layout(model, clip, caption="a caption goes here."):
             slots.append(("visual", f"frame {frame_of.get(t, '?')} @ {t:.2f} s ({per_frame} tokens/frame)", 0))
     for i, m in zip(ids[k + 1:], loss_mask[k + 1:]):
         slots.append(("caption" if m else "text", model.tok.decode([i], skip_special=False), 0))
-    slots = [(kind, label, int(p)) for (kind, label, _), p in zip(slots, P[0].tolist())]
-    mask = av_prefix(A)[0] if model.cfg.mask == "prefix" else causal(A.shape[1])
+    slots = [(kind, label, int(p)) for (kind, label, _), p in zip(slots, x.positions[0].tolist())]
+    mask = av_prefix(x.is_av)[0] if model.cfg.mask == "prefix" else causal(x.is_av.shape[1])
     return slots, mask
 
 
@@ -79,6 +80,7 @@ text-align:center;font-size:10px;border-radius:3px}} img{{image-rendering:pixela
 
 
 def main():
+    from .checkpoint import load_model
     from .media import load_clip
     from .model import AVCaptioner, preset
     from .tokenizer import Tokenizer
@@ -94,7 +96,7 @@ def main():
     p.add_argument("--max-frames", type=int, default=8, help="frame cap m")
     args = p.parse_args()
     if args.ckpt:
-        model = AVCaptioner.load(args.ckpt)
+        model = load_model(args.ckpt)
     else:
         tok = Tokenizer.train(["a caption goes here. Describe the clip."], vocab_size=300)
         model = AVCaptioner(preset("tiny", tok.vocab_size), tok)

@@ -46,12 +46,12 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(file), eos)
 
     @classmethod
-    def train(cls, texts, vocab_size=512, extra_specials=()):
+    def train(cls, texts, vocab_size=512):
         """Byte-level BPE (GPT-2 style: any byte string is encodable, decode inverts encode)."""
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + list(extra_specials),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
         return cls(tok)

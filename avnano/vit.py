@@ -6,7 +6,7 @@ One class, two families, chosen by `ViTConfig.family`:
   tokens, then a residual MLP).
 - CLIP (Radford et al. 2021): conv without bias, a class token, a pre-LayerNorm ("pre_layrnorm" in the
   released files), quick-GELU, LN eps 1e-5, post-LayerNorm on the class token only.
-`patch_tokens()` is what the captioner's aligner consumes: the per-patch outputs (`patches()`, class
+The captioner's aligner consumes `merge(patches(x))`: the per-patch outputs (`patches()`, class
 token dropped), optionally merged (`merge()`): each m x m group of neighbouring patches becomes one
 token, either concatenated Qwen2-VL style (width m*m*dim: where inside the group a thing sits
 survives), averaged, or max-pooled per feature (width dim: the same object gives the same vector
@@ -117,10 +117,6 @@ class ViT(nn.Module):
             x = self.post_norm(x)
             return x, (self.head(x) if self.head is not None else None)
         return x, self.post_norm(x[:, 0])
-
-    def patch_tokens(self, pixel_values):
-        """(B, 3, S, S) -> (B, tokens_per_frame, token_dim): patch outputs for the aligner, m x m merged."""
-        return self.merge(self.patches(pixel_values))
 
     def patches(self, pixel_values):
         """(B, 3, S, S) -> (B, grid*grid, D): one output per patch (class token dropped)."""

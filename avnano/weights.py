@@ -10,9 +10,11 @@ import json
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .decoder import Decoder, DecoderConfig
+from .errors import InputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONVERT_HINT = ("avnano reads safetensors only (unpickling can run arbitrary code). Convert once in a "
@@ -21,35 +23,63 @@ CONVERT_HINT = ("avnano reads safetensors only (unpickling can run arbitrary cod
 
 
 def read_safetensors(path):
-    """A .safetensors file, or a directory holding model.safetensors or model.safetensors.index.json."""
+    """A .safetensors file, or a directory holding model.safetensors or model.safetensors.index.json.
+    A missing, truncated or corrupt file, a missing shard or a pickle file raises InputError naming it."""
     if os.path.isdir(path):
         single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(single):
-            return load_file(single)
+            return _load_safetensors(single)
         if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = read_config(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(index, 'no "weight_map" object naming the shards')
             state = {}
-            for shard in shards:
-                state.update(load_file(os.path.join(path, shard)))
+            for shard in sorted(set(weight_map.values())):
+                file = os.path.join(path, shard)
+                if not os.path.isfile(file):
+                    raise InputError(file, "missing shard (listed in model.safetensors.index.json)")
+                state.update(_load_safetensors(file))
             return state
         pickles = [f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)]
         if pickles:
-            raise ValueError(f"{path}: only pickle weights found ({', '.join(sorted(pickles))}). {CONVERT_HINT}")
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+            raise InputError(path, f"only pickle weights found ({', '.join(sorted(pickles))}). {CONVERT_HINT}")
+        raise InputError(path, "no model.safetensors or model.safetensors.index.json")
     if path.endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{path}: pickle checkpoint refused. {CONVERT_HINT}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    return load_file(path)
+        raise InputError(path, f"pickle checkpoint refused. {CONVERT_HINT}")
+    return _load_safetensors(path)
+
+
+def _load_safetensors(file):
+    """One safetensors file; a failure names it and tells a pickle from a truncated or corrupt file."""
+    if not os.path.isfile(file):
+        raise InputError(file, "no such file")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        with open(file, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip or a bare pickle
+            raise InputError(file, f"a pickle file, not safetensors. {CONVERT_HINT}") from None
+        problem = str(e).removeprefix("Error while deserializing header: ")
+        raise InputError(file, f"truncated or corrupt safetensors file ({problem})") from None
 
 
 def read_config(path):
+    """A JSON file (or a directory's config.json) -> dict; a missing or malformed one raises InputError."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: missing (released checkpoints ship a config.json beside the weights)")
-    with open(file) as f:
-        return json.load(f)
+    if not os.path.isfile(file):
+        raise InputError(file, "missing (checkpoints ship a config.json beside the weights)" if file != path
+                         else "no such file")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(file, f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise InputError(file, "not a JSON text file (it is not UTF-8)") from None
+    if not isinstance(config, dict):
+        raise InputError(file, f"expected a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def load_mapped(module, state, keymap, source, skip=lambda key: False):
@@ -68,7 +98,7 @@ def load_mapped(module, state, keymap, source, skip=lambda key: False):
     not_filled = sorted(set(ours) - set(keymap.values()))
     problems += [f"model key {k} has no source in the key map" for k in not_filled]
     if problems:
-        raise ValueError(f"{source}: cannot load weights:\n  " + "\n  ".join(problems))
+        raise InputError(source, "cannot load weights:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for hf_key, our_key in keymap.items():
             ours[our_key].copy_(state[hf_key])
@@ -96,11 +126,17 @@ def _rope(hf, source):
                      "refusing rather than silently computing different positions")
 
 
+REQUIRED_LLM_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "rms_norm_eps")
+
+
 def decoder_config_from_hf(hf, source="config.json"):
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{source}: architecture {arch} is not supported (expected one of {SUPPORTED_ARCHS})")
     theta, factor = _rope(hf, source)
+    if missing := [k for k in REQUIRED_LLM_FIELDS if k not in hf]:
+        raise InputError(source, f"missing {', '.join(missing)} (required in a {arch} config)")
     return DecoderConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
@@ -261,3 +297,4 @@ def load_audio_encoder(path, dtype=torch.float32, exact=True):
     model = AudioEncoder(cfg)
     load_mapped(model, state, audio_keymap(cfg, prefix), path, skip=lambda k: k.startswith(WHISPER_DECODER_PREFIXES))
     return model.to(dtype).eval()
+

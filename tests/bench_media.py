@@ -53,7 +53,7 @@ def main():
         mel_exact, t_mel_exact = best(lambda: log_mel(clip.audio, 80, exact=True), args.repeats)
         _, t_enc_native = best(lambda: enc(mel_native), args.repeats)
         _, t_enc_exact = best(lambda: enc(mel_exact), args.repeats)
-        _, t_vit = best(lambda: vit.patch_tokens(preprocess(clip.frames, vcfg)), args.repeats)
+        _, t_vit = best(lambda: vit.merge(vit.patches(preprocess(clip.frames, vcfg))), args.repeats)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; clip 10 s 640x360 H.264/AAC, "
           f"{len(clip.frames)} frames at 2 fps")
     rows = [("decode (PyAV, frames + audio)", t_decode), ("log-mel native", t_mel_native), ("log-mel exact 30 s", t_mel_exact),

@@ -1,15 +1,14 @@
-"""ViT (SigLIP / CLIP) and Whisper encoder + log-mel parity with transformers on tiny random checkpoints."""
+"""ViT (SigLIP / CLIP) and Whisper encoder + log-mel parity with transformers on tiny random checkpoints;
+patch merging and audio pooling on plain torch (only the parity tests need transformers)."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import torch.nn.functional as F
-
 from avnano.audio import AudioConfig, AudioEncoder, log_mel, mel_filters
+from avnano.vit import ViT, ViTConfig
 from avnano.weights import load_audio_encoder, load_vit
-
-transformers = pytest.importorskip("transformers")
 
 VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 
@@ -24,6 +23,7 @@ def randomise(model):
 
 def vit_reference(kind, full):
     """(saved model, callable pixel_values -> (last_hidden_state, pooled)) for the four layouts."""
+    transformers = pytest.importorskip("transformers")
     if kind == "siglip":
         vc = transformers.SiglipVisionConfig(**VIT, attn_implementation="sdpa")
         if full:
@@ -68,17 +68,18 @@ def test_vit_matches_transformers(tmp_path, kind, full, dtype, tol):
         hidden, pooled = ours(x)
     assert (hidden - ref_hidden).abs().max() <= tol
     assert (pooled - ref_pooled).abs().max() <= tol  # SigLIP: MAP head; CLIP: post-normed class token
-    tokens = ours.patch_tokens(x)
-    assert tokens.shape == (2, 16, 32)
+    with torch.no_grad():  # the aligner's input: one output per patch, CLIP's class token dropped
+        patches = ours.patches(x)
+    assert torch.equal(patches, hidden if kind == "siglip" else hidden[:, 1:]) and patches.shape == (2, 16, 32)
 
 
-def test_vit_merge_2x2_concatenates_averages_or_max_pools(tmp_path):
-    m, _ = vit_reference("siglip", False)
-    m.save_pretrained(tmp_path)
-    plain, merged = load_vit(str(tmp_path)), load_vit(str(tmp_path), merge=2)
-    x = torch.randn(1, 3, 32, 32)
+def test_vit_merge_2x2_concatenates_averages_or_max_pools():
+    torch.manual_seed(0)
+    merged = ViT(ViTConfig(family="siglip", image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                           merge=2)).eval()
     with torch.no_grad():
-        t, tm = plain.patch_tokens(x), merged.patch_tokens(x)
+        t = merged.patches(torch.randn(1, 3, 32, 32))  # (1, 4 x 4 patches, 32)
+        tm = merged.merge(t)
     grid = t.view(1, 4, 4, 32)
     assert tm.shape == (1, 4, 4 * 32) and merged.cfg.token_dim == 4 * 32
     # token (R, C) holds patches (2R + r, 2C + c) for r, c in 0..1, row-major inside the group
@@ -86,15 +87,13 @@ def test_vit_merge_2x2_concatenates_averages_or_max_pools(tmp_path):
         want = torch.cat([grid[0, 2 * R + r, 2 * C + c] for r in range(2) for c in range(2)])
         assert torch.equal(tm[0, 2 * R + C], want)
     merged.cfg.merge_mode = "mean"  # averaging: the same groups, one vector of width dim each
-    with torch.no_grad():
-        tmean = merged.patch_tokens(x)
+    tmean = merged.merge(t)
     assert tmean.shape == (1, 4, 32)
     for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         want = grid[0, 2 * R:2 * R + 2, 2 * C:2 * C + 2].reshape(4, 32).mean(0)
         assert torch.allclose(tmean[0, 2 * R + C], want, atol=1e-6)
     merged.cfg.merge_mode = "max"  # max-pooling: per feature, the largest of the four patches
-    with torch.no_grad():
-        tmax = merged.patch_tokens(x)
+    tmax = merged.merge(t)
     assert tmax.shape == (1, 4, 32)
     for R, C in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         group = [grid[0, 2 * R + r, 2 * C + c] for r in range(2) for c in range(2)]
@@ -111,6 +110,7 @@ def synthetic_audio(seconds=3.0, seed=0):
 
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_log_mel_matches_feature_extractor(n_mels):
+    transformers = pytest.importorskip("transformers")
     fe = transformers.WhisperFeatureExtractor(feature_size=n_mels)
     assert np.abs(mel_filters(n_mels) - fe.mel_filters).max() <= 1e-6
     audio = synthetic_audio()
@@ -121,6 +121,8 @@ def test_log_mel_matches_feature_extractor(n_mels):
 
 
 def tiny_whisper():
+    """A tiny random Whisper from transformers (skips the calling test without transformers)."""
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
                                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                      max_source_positions=50, vocab_size=100, num_mel_bins=80, pad_token_id=0,
@@ -169,3 +171,24 @@ def test_audio_pool_averages_stem_tokens():
         want = enc.norm(stem.view(20, 5, 16).mean(1) + enc.pos_embed[:20])
         assert torch.allclose(enc(mel)[0], want, atol=1e-6)
         assert enc(mel[..., :190]).shape[1] == 19  # a partial window still makes a token
+
+
+def test_audio_rows_encode_the_same_alone_or_padded_in_a_batch():
+    """With `lengths`, a padded row's conv stem and partial pooling window see only its own frames."""
+    from avnano import masks
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioConfig(n_mels=80, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_positions=40, pool=5)).eval()
+    mel = torch.randn(2, 80, 200)
+    frames = [137, 200]  # 69 stem tokens -> 14 pooled, the last window partial; 100 -> 20
+    n = [enc.cfg.n_tokens(f) for f in frames]
+    valid = torch.arange(20)[None] < torch.tensor(n)[:, None]
+    key_mask = masks.for_sdpa(masks.key_padding(valid).expand(-1, 20, -1))
+    mel[0, :, frames[0]:] = 0  # the batch's padding
+    with torch.no_grad():
+        batched = enc(mel, key_mask, lengths=torch.tensor(frames))
+        alone = enc(mel[:1, :, :frames[0]])[0]
+        full = enc(mel[1:])[0]
+        careless = enc(mel, key_mask)  # without lengths the padding leaks into the stem and the pooling
+    assert n == [14, 20] and alone.shape == (14, 16)
+    assert torch.allclose(batched[0, :14], alone, atol=1e-5) and torch.allclose(batched[1], full, atol=1e-5)
+    assert not torch.allclose(careless[0, :14], alone, atol=1e-3)

@@ -1,5 +1,4 @@
-"""LoRA: fresh adapter is a no-op, merge == adapter forward, disable == base, proxy re-init, save/load."""
-import pytest
+"""LoRA: fresh adapter is a no-op, merge == adapter forward, disable == base, proxy re-init."""
 import torch
 
 from avnano import lora
@@ -34,7 +33,7 @@ def test_fresh_adapter_changes_nothing_and_counts():
     assert "blocks.0.attn.q_proj.weight" in m.state_dict()  # base keys unchanged
 
 
-def test_merge_disable_unmerge_proxy():
+def test_merge_disable_proxy():
     m = model()
     base = m(IDS)
     lora.inject(m, [r"proj"], r=4, alpha=8)
@@ -43,31 +42,15 @@ def test_merge_disable_unmerge_proxy():
     assert not torch.allclose(adapted, base)
     with lora.disabled(m):
         assert torch.allclose(m(IDS), base, atol=1e-6)
-    lora.merge(m)
-    assert (m(IDS) - adapted).abs().max() <= 1e-5
+    q = m.blocks[0].attn.q_proj
+    want = q.weight + (q.lora_B @ q.lora_A) * 8 / 4  # W + (alpha / r) B A
+    for a in lora.adapters(m):
+        a.merge()
+    assert torch.allclose(q.weight, want) and (m(IDS) - adapted).abs().max() <= 1e-5
     with lora.disabled(m):  # disabling a merged adapter still gives the base model
         assert (m(IDS) - base).abs().max() <= 1e-5
-    assert (m(IDS) - adapted).abs().max() <= 1e-5
-    lora.unmerge(m)
-    assert (m(IDS) - adapted).abs().max() <= 1e-5
+    assert (m(IDS) - adapted).abs().max() <= 1e-5  # and leaving the block merges it back
     lora.new_proxy(m)  # merge + fresh adapter: outputs unchanged, and the "reference" is now the merged model
     assert (m(IDS) - adapted).abs().max() <= 1e-5
     with lora.disabled(m):
         assert (m(IDS) - adapted).abs().max() <= 1e-5
-
-
-def test_adapter_save_load_roundtrip(tmp_path):
-    m = model()
-    lora.inject(m, [r"mlp"], r=2, alpha=4)
-    trained_adapter(m)
-    out = m(IDS)
-    lora.save_adapter(m, str(tmp_path / "adapter.safetensors"))
-    fresh = model()
-    lora.inject(fresh, [r"mlp"], r=2, alpha=4)
-    assert not torch.allclose(fresh(IDS), out)
-    lora.load_adapter(fresh, str(tmp_path / "adapter.safetensors"))
-    assert torch.allclose(fresh(IDS), out)
-    other = model()
-    lora.inject(other, [r"attn"], r=2, alpha=4)
-    with pytest.raises(ValueError, match="adapter does not fit"):
-        lora.load_adapter(other, str(tmp_path / "adapter.safetensors"))

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from avnano import grounding
+from avnano.checkpoint import load_model, save_model
 from avnano.model import AVCaptioner, preset
 from avnano.tokenizer import Tokenizer
 from avnano.vit import preprocess
@@ -107,7 +109,7 @@ def test_visual_delta_feeds_each_frame_and_its_per_patch_change():
             rise, fall = d.amax(1, keepdim=True), (-d).amax(1, keepdim=True)  # merge=4: all 16 patches in one group
             assert torch.allclose(g, model.visual_aligner(torch.cat([h.amax(1, keepdim=True), rise, fall], -1)), atol=1e-5)
         assert model.visual_aligner[0].in_features == 3 * model.cfg.vit.token_dim
-        x0 = model.vit.patch_tokens(preprocess(frames[0][1:2], model.cfg.vit))
+        x0 = model.vit.merge(model.vit.patches(preprocess(frames[0][1:2], model.cfg.vit)))
         still = model.visual_aligner(torch.cat([x0, torch.zeros_like(x0), torch.zeros_like(x0)], -1))
         assert torch.allclose(got[0][1], still[0], atol=1e-5)
     # an object that moves keeps its features in the change parts the aligner reads; the change of the
@@ -144,12 +146,28 @@ def test_freezing_groups_and_save_load(tmp_path):
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="unknown parameter groups"):
         model.set_trainable({"llm"})
-    model.save(str(tmp_path))
-    back = AVCaptioner.load(str(tmp_path))
+    save_model(model, str(tmp_path))
+    back = load_model(str(tmp_path))
     b = training_batch(model)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(*b)["loss"], back(*b)["loss"])
+
+
+def test_load_names_every_key_that_does_not_fit(tmp_path):
+    from safetensors.torch import load_file, save_file
+    save_model(tiny(lora_r=4), str(tmp_path))
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    del state["decoder.norm.weight"]                                  # missing
+    state["decoder.extra.weight"] = torch.zeros(2)                    # unexpected
+    state["time_embed.proj.weight"] = torch.zeros(3, 3)               # wrong shape
+    save_file(state, file)
+    with pytest.raises(ValueError) as err:
+        load_model(str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "missing key decoder.norm.weight" in msg and "unexpected key decoder.extra.weight" in msg
+    assert "wrong shape for time_embed.proj.weight: file has (3, 3)" in msg
 
 
 def test_released_preset_from_three_checkpoints(tmp_path):
@@ -164,7 +182,8 @@ def test_released_preset_from_three_checkpoints(tmp_path):
         num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     qwen.save_pretrained(tmp_path / "llm")
     tok.save(str(tmp_path / "llm"))
-    model = AVCaptioner.from_released(str(tmp_path / "vit"), str(tmp_path / "whisper"), str(tmp_path / "llm"))
+    from avnano.checkpoint import released_captioner
+    model = released_captioner(str(tmp_path / "vit"), str(tmp_path / "whisper"), str(tmp_path / "llm"))
     assert model.cfg.audio.exact and model.cfg.vit.family == "siglip" and model.cfg.decoder.qkv_bias
     out = model(*training_batch(model))
     assert torch.isfinite(out["loss"])
@@ -212,19 +231,19 @@ def test_grounding_loss_reads_the_span_through_the_output_head():
     model = tiny(ground_weight=0.5)
     tok, D = model.tok, model.cfg.decoder.dim
     spans = [(0.5, 1.0, "a", 'speaker A says "go"', ["A", "go"])]
-    (_, _, mods, ids), = model.ground_targets(spans)
+    (_, _, mods, ids), = grounding.targets(tok, spans)
     assert mods == [1] and [tok.decode([i]) for i in ids] == [" A", "go"]  # the caption's own tokens
     tokens = torch.randn(6, D, generator=torch.Generator().manual_seed(0))
     times = torch.tensor([0.0, 0.5, 0.5, 1.0, 1.0, 1.5])
     modality = torch.tensor([0, 1, 0, 1, 0, 1])  # only rows 1 and 3 are audio tokens inside [0.5, 1.0]
-    loss = model.grounding_loss([(tokens, times, modality)], [spans])
-    h = tokens[[1, 3]] - model.time_embed(times[[1, 3]])  # the content: the clock is not bent by this loss
+    loss = grounding.loss(model, [(tokens, times, modality)], [spans])
+    h = tokens[[1, 3]]  # the content tokens, no clock: the clock is not bent by this loss
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + model.cfg.decoder.norm_eps) * model.decoder.norm.weight
     logp = torch.log_softmax(h @ model.decoder.embed.weight.T, -1)  # tied head
     assert torch.allclose(loss, -logp[:, ids].mean(), atol=1e-5)
     moved = tokens.clone()
     moved[[0, 2, 4, 5]] += 3.0  # outside the span or the wrong modality: no effect
-    assert torch.allclose(model.grounding_loss([(moved, times, modality)], [spans]), loss)
+    assert torch.allclose(grounding.loss(model, [(moved, times, modality)], [spans]), loss)
     b = training_batch(model)
     out = model(*b, ground=[spans, []])
     assert out["ground"] > 0 and torch.allclose(out["loss"], out["ce"] + 0.5 * out["ground"])

@@ -1,5 +1,7 @@
-"""Sinkhorn marginals, permutation recovery, agreement with the naive algorithm; OT loss and fusion."""
+"""Sinkhorn marginals, permutation recovery, agreement with the naive algorithm; OT loss and fusion
+against the naive plan on a hand-computed cosine cost."""
 import torch
+import torch.nn.functional as F
 
 from avnano.ot import cosine_cost, ot_fuse, ot_loss, sinkhorn
 
@@ -42,16 +44,30 @@ def test_log_domain_equals_naive_when_well_conditioned():
     assert torch.allclose(sinkhorn(cost, eps=0.5, iters=100), naive_sinkhorn(cost, 0.5, 100), atol=1e-10)
 
 
-def test_ot_loss_gradient_flows_through_cost_only():
+def by_hand(v, a):
+    """LAVCap's cost 1 - cos(v_i, a_j) and the naive Sinkhorn plan on it (eps 0.1, 50 iterations)."""
+    C = 1 - F.cosine_similarity(v[:, None], a[None], dim=-1)
+    return C, naive_sinkhorn(C.detach().double(), 0.1, 50).to(C.dtype)
+
+
+def test_cosine_cost_by_hand():
+    v, a = torch.tensor([[1.0, 0.0], [3.0, 3.0]]), torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    h = 1 - 2 ** -0.5
+    assert torch.allclose(cosine_cost(v, a), torch.tensor([[1.0, 2.0], [h, 1 + 2 ** -0.5]]))
+
+
+def test_ot_loss_is_plan_times_cost_with_gradient_through_cost_only():
     torch.manual_seed(2)
     v = torch.randn(4, 8, requires_grad=True)
     a = torch.randn(6, 8, requires_grad=True)
     loss = ot_loss(v, a)
     loss.backward()
-    assert v.grad is not None and a.grad is not None and loss.item() > 0
-    with torch.no_grad():  # the value is <P, C> with P from the same cost
-        C = cosine_cost(v, a)
-        assert torch.allclose(loss, (sinkhorn(C) * C).sum())
+    v2, a2 = v.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    C, P = by_hand(v2, a2)
+    want = (P * C).sum()  # P is a constant: the gradient flows through C only
+    want.backward()
+    assert torch.allclose(loss, want, atol=1e-5) and loss.item() > 0
+    assert torch.allclose(v.grad, v2.grad, atol=1e-5) and torch.allclose(a.grad, a2.grad, atol=1e-5)
     same = torch.randn(5, 8)
     assert ot_loss(same, same).item() < ot_loss(same, torch.randn(5, 8)).item()  # aligned streams cost less
 
@@ -60,5 +76,5 @@ def test_ot_fuse_mixes_by_plan():
     torch.manual_seed(3)
     v, a = torch.randn(3, 4), torch.randn(5, 4)
     fv, fa = ot_fuse(v, a)
-    P = sinkhorn(cosine_cost(v, a))
+    _, P = by_hand(v, a)
     assert torch.allclose(fv, v + 3 * P @ a, atol=1e-6) and torch.allclose(fa, a + 5 * P.T @ v, atol=1e-6)

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from avnano.data import ClipStore, read_splits  # noqa: E402
-from avnano.model import AVCaptioner  # noqa: E402
-from avnano.toyworld import COLOURS, SHAPES, SOUNDS, WORDS  # noqa: E402
+from avnano.checkpoint import load_model  # noqa: E402
+from avnano.errors import run_main  # noqa: E402
+from avnano.layout import assemble, attention_mask  # noqa: E402
+from avnano.grammar import COLOURS, SHAPES, SOUNDS, WORDS  # noqa: E402
 
 CLASSES = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, **{w: "spoken word" for w in WORDS},
            **{s.split()[0]: "sound" for s in SOUNDS}, "A": "speaker", "B": "speaker"}
@@ -43,8 +45,9 @@ def ce_by_class(model, store, n):
     for idx, clips in batches(store, n):
         ids, masks = zip(*(model.render(store.rows[i]["caption"]) for i in idx))
         blocks, _ = model.av_block(*zip(*clips))
-        x, pos, is_av, valid, labels = model.assemble(blocks, ids, masks)
-        logits = model.decoder(inputs_embeds=x, positions=pos, mask=model.attention_mask(is_av, valid))
+        x = assemble(model, blocks, ids, masks)
+        labels = x.labels
+        logits = model.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(model.cfg.mask, x.is_av, x.valid))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
         for b, t in (labels != -100).nonzero().tolist():
             word = model.tok.decode([int(labels[b, t])]).strip()
@@ -104,7 +107,7 @@ def main():
     p.add_argument("--clips", type=int, default=96, help="clips per measurement")
     args = p.parse_args()
     torch.manual_seed(0)
-    model = AVCaptioner.load(args.ckpt).eval()
+    model = load_model(args.ckpt)
     cfg = model.cfg
     train, test = (ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size) for rows in read_splits(args.data))
     print("held-out CE by word class:")
@@ -116,4 +119,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

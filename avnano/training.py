@@ -1,0 +1,216 @@
+"""What train_sft.py, train_dpo.py and train_grpo.py share (nanoGPT's train.py, split so no script imports another).
+
+Argument groups (model / data / optimisation / run; each script adds its own flags to them), DDP setup
+and teardown through torchrun (gloo on CPU, nccl on CUDA), printing on rank 0 only, AdamW with linear
+warm-up and cosine decay, the model from a preset or from `--init` (plus a LoRA), the toy world built
+on first use, and the hand-made collectives of DPO / GRPO (their loss is computed outside DDP's forward).
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, lora, toyworld
+from .errors import InputError
+from .model import PRESETS, AVCaptioner, preset
+from .tokenizer import Tokenizer
+
+# Flags that name an AVConfig field. --init keeps the checkpoint's architecture (a different value is
+# refused by name); the loss weights are this run's objective, so --init applies them.
+ARCHITECTURE = ("interleave", "air", "time_positions", "mask", "modalities", "ot_fusion", "fps", "max_frames")
+LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing")
+
+
+# ----------------------------------------------------------------------------------- arguments
+def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
+    """architecture=True (SFT): the flags of a fresh model too; DPO and GRPO take theirs from --init."""
+    g = p.add_argument_group("model")
+    g.add_argument("--init", default=init, help="avnano checkpoint to start from (its architecture is kept)"
+                   + ("; default: a fresh --preset" if init is None else ""))
+    g.add_argument("--lora-r", type=int, default=lora_r, help="rank of a LoRA on the decoder, added when the model has "
+                   "none (0 = none)")
+    g.add_argument("--lora-alpha", type=float, default=lora_alpha, help="LoRA alpha (the update is scaled by alpha / r)")
+    if architecture:
+        g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size: tiny (CPU) or small (one GPU)")
+        g.add_argument("--interleave", default="per_frame", choices=["concat", "per_frame", "avti", "chunked"], help="AV token order")
+        g.add_argument("--air", type=float, default=0.25, help="AVTI audio-interleaving rate")
+        g.add_argument("--time-positions", action="store_true", help="time-aligned position ids (Qwen2.5-Omni style)")
+        g.add_argument("--mask", default="prefix", choices=["prefix", "causal"], help="AVCap prefix mask M or plain causal")
+        g.add_argument("--modalities", default="av", choices=["av", "v", "a"], help="audio+video, video only, audio only")
+        g.add_argument("--ot-fusion", action="store_true", help="LAVCap OT-attention fusion before interleaving")
+        g.add_argument("--fps", type=float, default=2.0, help="frames per second phi")
+        g.add_argument("--max-frames", type=int, default=16, help="frame cap m")
+        g.add_argument("--ot-weight", type=float, default=0.0, help="lambda of the LAVCap OT alignment loss (0 = off)")
+        g.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding loss (needs manifest "
+                       "events; 0 = off)")
+        g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
+    return g
+
+
+def data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="data/toyworld", help="directory with train.jsonl / test.jsonl (toy world made here if absent)")
+    g.add_argument("--n-train", type=int, default=2000, help="toy world: training clips to generate")
+    g.add_argument("--n-test", type=int, default=200, help="toy world: held-out clips to generate")
+    return g
+
+
+def opt_args(p, steps=1500, lr=2e-3, batch=16, warmup=50):
+    """steps=None: the script has no step schedule of its own (DPO trains per round on its pairs)."""
+    g = p.add_argument_group("optimisation")
+    if steps is not None:
+        g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+        g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+        g.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
+    g.add_argument("--batch-size", type=int, default=batch, help="clips per micro-batch per rank")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    g.add_argument("--seed", type=int, default=0, help="model init and data order")
+    return g
+
+
+def run_args(p, out, save_every=None):
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=out, help="checkpoint directory")
+    g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint (model, optimizer, RNG, data position)")
+    g.add_argument("--eval-n", type=int, default=200, help="held-out clips to evaluate")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    if save_every is not None:
+        g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps")
+        g.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: a kill after this step
+    return g
+
+
+# ----------------------------------------------------------------------------------- distributed
+def setup_distributed(device):
+    """torchrun sets RANK / WORLD_SIZE. Returns (rank, world, device, log); log prints on rank 0 only."""
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    return rank, world, device, log
+
+
+def teardown(model, log):
+    """Under DDP: report how far the replicas drifted apart, then close the process group."""
+    if dist.is_initialized():
+        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
+        dist.barrier()  # every rank idle before the gloo pairs close (else a rank can abort at exit)
+        dist.destroy_process_group()
+
+
+def rank_weight_diff(model):
+    """Largest |w_rank - w_rank0| over every parameter and rank: 0 when the replicas stayed in step."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+def sync_grads(model, world):
+    """Average gradients over ranks (what DDP does inside backward, for losses computed outside its forward)."""
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def mean_over_ranks(values, world):
+    """Average a list of floats over the ranks (logged statistics), unchanged when world == 1."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t.tolist()
+
+
+def gather(items, world):
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if world == 1:
+        return items
+    out = [None] * world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+# ----------------------------------------------------------------------------------- data
+def ensure_toy_world(args, rank):
+    """Build the toy world under the default --data directory on first use; refuse one made by other code."""
+    manifest = os.path.join(args.data, "train.jsonl")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            first = json.loads(f.readline())
+        if "events" in first and first.get("world") != toyworld.VERSION:  # a toy world made by other code
+            raise InputError(manifest, f"toy world version {first.get('world', 1)}, this avnano makes version "
+                             f"{toyworld.VERSION} (rendering or caption grammar changed); delete {args.data} to rebuild it")
+        return
+    if args.data != "data/toyworld":
+        raise InputError(args.data, "no train.jsonl (only the default --data directory is generated automatically)")
+    if rank == 0:
+        print(f"building the toy world in {args.data} ({args.n_train} train / {args.n_test} test clips)", flush=True)
+        toyworld.build(args.data, args.n_train, args.n_test, seed=0)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------- model and optimizer
+def add_lora(model, r, alpha):
+    """A fresh rank-r LoRA on the decoder unless it has one (recorded in the config: checkpoints reload with it)."""
+    if model.cfg.lora_r == 0 and r > 0:
+        model.cfg.lora_r, model.cfg.lora_alpha = r, alpha
+        lora.inject(model.decoder, model.cfg.lora_targets, r, alpha, model.cfg.lora_dropout)
+
+
+def build_model(args, train_rows, parser):
+    """A fresh --preset model with a BPE tokenizer trained on the captions, or --init's checkpoint with the
+    loss weights and --lora-r applied; a model flag --init cannot apply is refused by name."""
+    torch.manual_seed(args.seed)
+    if not args.init:
+        tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=args.vocab)
+        cfg = preset(args.preset, tok.vocab_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                     **{k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS})
+        return AVCaptioner(cfg, tok)
+    model = checkpoint.load_model(args.init)
+    cfg, ref = model.cfg, preset(args.preset, model.cfg.decoder.vocab_size)
+    theirs = {k: getattr(cfg, k) for k in ARCHITECTURE}
+    theirs["preset"] = args.preset if (ref.vit, ref.audio, ref.decoder) == (cfg.vit, cfg.audio, cfg.decoder) else "another size"
+    theirs["vocab"] = "its own tokenizer"
+    theirs["lora_r"] = cfg.lora_r or args.lora_r  # a checkpoint without a LoRA gets one
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {v})" for k, v in theirs.items()
+             if getattr(args, k) != parser.get_default(k) and getattr(args, k) != v]
+    if clash:
+        raise InputError(args.init, "--init keeps the checkpoint's architecture; cannot apply " + ", ".join(clash))
+    for k in LOSS_WEIGHTS:
+        setattr(cfg, k, getattr(args, k))
+    add_lora(model, args.lora_r, args.lora_alpha)
+    return model
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def set_lr(optimizer, step, args):
+    """Linear warm-up, then cosine from args.lr down to lr * min_lr_ratio; set on every group and returned."""
+    if step < args.warmup:
+        lr = args.lr * (step + 1) / args.warmup
+    else:
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        lr = args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
