@@ -90,8 +90,9 @@ class KVCache:
         return self.slots
 
     def update(self, layer, k, v):
-        self.k[layer].index_copy_(2, self.slots, k)
-        self.v[layer].index_copy_(2, self.slots, v)
+        """Write this step's keys/values (cast to the cache's dtype) and return the whole buffers."""
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def reorder(self, index):

@@ -44,6 +44,8 @@ def _prefill(model, input_ids, inputs_embeds, attention_mask, positions, prefill
     if mask is not None:
         mask = masks.for_sdpa(mask & masks.key_padding(valid))
     dtype = model.embed.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+    if torch.is_autocast_enabled(x.device.type):  # keys and values arrive in the autocast dtype (bf16 on CUDA)
+        dtype = torch.get_autocast_dtype(x.device.type)
     cache = model.new_cache(B, T + max_new_tokens, dtype)
     logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions, mask=mask,
                    cache=cache, last_only=True)[:, -1]

@@ -74,12 +74,12 @@ def loss(model, blocks, spans_per_clip):
     for (_, times, modality), spans_list in zip(blocks, spans_per_clip):
         times, modality = times.cpu(), modality.cpu()
         for t0, t1, mods, span_ids in targets(model.tok, spans_list):
-            inside = (times >= t0 - 1e-3) & (times <= t1 + 1e-3) & torch.isin(modality, torch.tensor(mods))
+            inside = (times >= t0 - 1e-3) & (times <= t1 + 1e-3) & torch.isin(modality, torch.tensor(mods, device="cpu"))
             r = inside.nonzero()[:, 0] + offset
             if len(r) and span_ids:
                 rows.append(r.repeat_interleave(len(span_ids)))
-                ids.append(torch.tensor(span_ids).repeat(len(r)))
-                w.append(torch.full((len(r) * len(span_ids),), 1.0 / (len(r) * len(span_ids))))
+                ids.append(torch.tensor(span_ids, device="cpu").repeat(len(r)))
+                w.append(torch.full((len(r) * len(span_ids),), 1.0 / (len(r) * len(span_ids)), device="cpu"))
         offset += len(times)
     if not rows:
         return torch.zeros((), device=model.device)

@@ -23,8 +23,10 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.r, self.scale = r, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
+        # the adapter (and so its AdamW state) stays float32 whatever the base's dtype: bf16 cannot hold
+        # the small updates of a zero-initialised B
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=base.weight.device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout)
         self.enabled, self.merged = True, False
         self.reset_adapter()
@@ -36,19 +38,20 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.enabled and not self.merged:
-            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+            a = self.dropout(x).to(self.lora_A.dtype)  # a no-op in fp32 and under autocast (which casts again)
+            y = y + (F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.weight += (self.lora_B @ self.lora_A) * self.scale
+            self.weight += ((self.lora_B @ self.lora_A) * self.scale).to(self.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.weight -= (self.lora_B @ self.lora_A) * self.scale
+            self.weight -= ((self.lora_B @ self.lora_A) * self.scale).to(self.weight.dtype)
             self.merged = False
 
 

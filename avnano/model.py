@@ -151,7 +151,7 @@ class AVCaptioner(nn.Module):
         valid = torch.arange(n_tok, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         # native mode masks the batch padding; exact mode attends over its 30 s padding as Whisper was trained
         key_mask = None if acfg.exact else masks.for_sdpa(masks.key_padding(valid).expand(-1, n_tok, -1))
-        hidden = self.audio(mel, key_mask)
+        hidden = self.audio(mel, key_mask, lengths=[m.shape[-1] for m in mels])  # the padding stays invisible
         out = [[] for _ in audio_list]
         for (c, s, _), h, n in zip(pieces, hidden, lengths):
             tokens, times = self.audio_aligner(h[:n])

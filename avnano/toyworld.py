@@ -26,8 +26,6 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from .grammar import COLOURS, DIRECTIONS, SHAPES, SOUNDS, SPEAKERS, WORDS, caption, public, sentence
 from .render import CELL, GRID, SIZE, VIDEO_FPS, Sound, Sprite, render_audio, render_frames
-from .grammar import parse  # noqa: F401  (temporary re-export for train_dpo.py; use grammar.parse)
-from .grounding import spans as grounding  # noqa: F401  (temporary re-export for train_sft.py; use grounding.spans)
 
 VERSION = 2  # bump when rendering or grammar change: manifests record it, train_sft.py refuses old worlds
 MIN_SECONDS, MAX_SECONDS = 4.0, 10.0  # clip length

@@ -20,7 +20,8 @@ from .tokenizer import Tokenizer
 
 # Flags that name an AVConfig field. --init keeps the checkpoint's architecture (a different value is
 # refused by name); the loss weights are this run's objective, so --init applies them.
-ARCHITECTURE = ("interleave", "air", "time_positions", "mask", "modalities", "ot_fusion", "fps", "max_frames")
+ARCHITECTURE = ("interleave", "air", "chunk_seconds", "time_positions", "time_embed", "mask", "modalities", "ot_fusion", "fps",
+                "max_frames", "visual_aligner", "visual_delta", "audio_aligner", "window", "n_queries")
 LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing")
 
 
@@ -37,7 +38,17 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
         g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size: tiny (CPU) or small (one GPU)")
         g.add_argument("--interleave", default="per_frame", choices=["concat", "per_frame", "avti", "chunked"], help="AV token order")
         g.add_argument("--air", type=float, default=0.25, help="AVTI audio-interleaving rate")
+        g.add_argument("--chunk-seconds", type=float, default=2.0, help="chunk length of the chunked interleaver")
         g.add_argument("--time-positions", action="store_true", help="time-aligned position ids (Qwen2.5-Omni style)")
+        g.add_argument("--time-embed", action=argparse.BooleanOptionalAction, default=True,
+                       help="add the sinusoidal clock embedding to every AV token (ours)")
+        g.add_argument("--visual-aligner", default="mlp", choices=["linear", "mlp"], help="visual aligner (AVicuna: linear)")
+        g.add_argument("--visual-delta", action=argparse.BooleanOptionalAction, default=None,
+                       help="the visual aligner also reads each frame's per-patch change (default: the preset's choice)")
+        g.add_argument("--audio-aligner", default="qformer", choices=["linear", "mlp", "qformer"],
+                       help="audio aligner (video-SALMONN 2: window Q-Former)")
+        g.add_argument("--window", type=float, default=0.5, help="Q-Former window in seconds")
+        g.add_argument("--n-queries", type=int, default=1, help="Q-Former queries per window")
         g.add_argument("--mask", default="prefix", choices=["prefix", "causal"], help="AVCap prefix mask M or plain causal")
         g.add_argument("--modalities", default="av", choices=["av", "v", "a"], help="audio+video, video only, audio only")
         g.add_argument("--ot-fusion", action="store_true", help="LAVCap OT-attention fusion before interleaving")
@@ -179,7 +190,7 @@ def build_model(args, train_rows, parser):
     if not args.init:
         tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=args.vocab)
         cfg = preset(args.preset, tok.vocab_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                     **{k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS})
+                     **{k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS if getattr(args, k) is not None})
         return AVCaptioner(cfg, tok)
     model = checkpoint.load_model(args.init)
     cfg, ref = model.cfg, preset(args.preset, model.cfg.decoder.vocab_size)

@@ -152,5 +152,5 @@ def preprocess(frames, cfg: ViTConfig):
         top, left = (x.shape[-2] - S) // 2, (x.shape[-1] - S) // 2
         x = x[..., top:top + S, left:left + S]
         mean, std = CLIP_MEAN, CLIP_STD
-    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))  # on the frames' device
     return (x.clamp(0, 1) - mean) / std
