@@ -11,6 +11,7 @@ import torch
 from avnano.errors import run_main
 from avnano.generate import compile_for_sampling, generate
 from avnano.tokenizer import Tokenizer
+from avnano.distributed import allow_tf32, autocast
 from avnano.weights import load_decoder
 
 
@@ -60,7 +61,8 @@ def caption_video(args):
     if not clip.has_video:
         print(f"note: {args.video} has no video stream; captioning from audio alone", file=sys.stderr)
     kw = sampling_kwargs(args, args.device)
-    text = model.generate([clip.frames], [clip.frame_times], [clip.audio], prompt=args.prompt, **kw)[0]
+    with autocast(model.device):
+        text = model.generate([clip.frames], [clip.frame_times], [clip.audio], prompt=args.prompt, **kw)[0]
     print(text if text.strip() else "(empty caption: the model ended at once; an undertrained checkpoint does this)")
 
 
@@ -96,6 +98,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     sampling_args(p)
     args = p.parse_args()
+    allow_tf32()
     if args.ckpt and args.video:
         caption_video(args)
     elif args.llm and args.prompt:

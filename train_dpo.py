@@ -30,8 +30,8 @@ from avnano.evaluate import caption_clips, eval_split
 from avnano.grammar import parse
 from avnano.metrics import evaluate, repetition_rate
 from avnano.rewards import checklist_reward
-from avnano.training import (add_lora, data_args, ensure_toy_world, gather, make_optimizer, mean_over_ranks, model_args,
-                             opt_args, run_args, setup_distributed, sync_grads, teardown)
+from avnano.distributed import autocast, gather, mean_over_ranks, setup_distributed, sync_grads, teardown
+from avnano.training import add_lora, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args
 
 
 def parse_thresholds(text):
@@ -46,14 +46,16 @@ def sample_metrics(text, row):
     return {"total": 1.0 - checklist_reward(text, row.get("checklist", [])), "repetition": repetition_rate(text)}
 
 
-def held_out(model, store, n, log, tag):
-    metrics, _ = eval_split(model, store, n)
+def held_out(model, store, n, log, tag, rank=0, world=1):
+    """Every rank captions its share of the held-out clips; rank 0 prints."""
+    metrics, _ = eval_split(model, store, n, rank=rank, world=world)
     log(f"{tag}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics
 
 
 def logprob_sums(model, blocks, completions):
-    lp, mask = model.completion_logprobs(blocks, completions)
+    with autocast(model.device):
+        lp, mask = model.completion_logprobs(blocks, completions)
     return (lp * mask).sum(-1), mask.sum(-1)
 
 
@@ -67,7 +69,7 @@ def train_round(model, store, pairs, args, log, rnd, world, rank):
             t0 = time.perf_counter()
             batch = [pairs[i] for i in order[s + rank * B:s + (rank + 1) * B]]
             got = [store.get(i) for i, _, _ in batch]
-            with torch.no_grad():  # only the LoRA trains: each clip is encoded once for all its sequences
+            with torch.no_grad(), autocast(model.device):  # only the LoRA trains: each clip is encoded once
                 blocks = model.av_block(*([g[k] for g in got] for k in range(3)))[0]
             pair_ids = [model.completion_ids(c) for _, c, _ in batch] + [model.completion_ids(r) for _, _, r in batch]
             pi, n = logprob_sums(model, blocks * 2, pair_ids)  # chosen rows, then rejected rows
@@ -84,7 +86,8 @@ def train_round(model, store, pairs, args, log, rnd, world, rank):
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
             optimizer.step()
             steps += 1
-            stats = mean_over_ranks([total.item(), rc.mean().item(), rr.mean().item(), (rc > rr).float().mean().item()], world)
+            stats = mean_over_ranks([total.item(), rc.mean().item(), rr.mean().item(), (rc > rr).float().mean().item()], world,
+                                    model.device)
             log(f"round={rnd + 1} epoch={epoch + 1} step={steps} loss={stats[0]:.4f} chosen_reward={stats[1]:.4f} "
                 f"rejected_reward={stats[2]:.4f} margin={stats[1] - stats[2]:.4f} accuracy={stats[3]:.3f} "
                 f"step_s={time.perf_counter() - t0:.2f}")
@@ -99,10 +102,12 @@ def build_pairs(model, store, clips, args, rnd, log, world, rank):
     for s in tqdm(range(0, len(mine), args.batch_size), desc=f"sampling round {rnd + 1}", leave=False, disable=rank != 0):
         got = [(k, store.get(i)) for k, i in enumerate(mine[s:s + args.batch_size], start=s)]
         got = [(k, g) for k, g in got if g is not None]
-        with torch.no_grad():
+        if not got:  # every clip of this batch is bad (no collective inside this loop: skipping is safe)
+            continue
+        with torch.no_grad(), autocast(model.device):
             blocks = model.av_block(*([g[j] for _, g in got] for j in range(3)))[0]
-        texts = model.generate(None, None, None, blocks=[b for b in blocks for _ in range(args.samples)],
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=gen)
+            texts = model.generate(None, None, None, blocks=[b for b in blocks for _ in range(args.samples)],
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=gen)
         for (k, _), text in zip([x for x in got for _ in range(args.samples)], texts):
             scored[k].append((text, sample_metrics(text, store.rows[mine[k]])))
     thresholds = parse_thresholds(args.thresholds if rnd == 0 else args.later_thresholds)
@@ -129,14 +134,15 @@ def rebirth(model, store, args, log, test_store, world, rank):
         batch = [keep[j] for j in rng.choice(len(keep), size=min(args.batch_size, len(keep)), replace=False)]
         got = [store.get(i) for i, _ in batch]
         ids, masks = zip(*(base.render(t) for _, t in batch))
-        out = base([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], ids, masks)
+        with autocast(base.device):
+            out = base([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], ids, masks)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         sync_grads(base, world)
         optimizer.step()
-        log(f"rebirth step={step + 1} loss={mean_over_ranks([out['loss'].item()], world)[0]:.4f}")
+        log(f"rebirth step={step + 1} loss={mean_over_ranks([out['loss'].item()], world, base.device)[0]:.4f}")
+    held_out(base, test_store, args.eval_n, log, "after rebirth", rank, world)
     if rank == 0:
-        held_out(base, test_store, args.eval_n, log, "after rebirth")
         checkpoint.save_model(base, args.out + "_rebirth")
     return base
 
@@ -180,8 +186,7 @@ def main():
         log(f"resumed after round {start}")
     cfg = model.cfg
     store, test_store = (ClipStore(r, cfg.fps, cfg.max_frames, cfg.vit.image_size) for r in (rows, test_rows))
-    if rank == 0:
-        held_out(model, test_store, args.eval_n, log, "before")
+    held_out(model, test_store, args.eval_n, log, "before", rank, world)
     order = np.random.default_rng(args.seed).permutation(len(rows)).tolist()
     for rnd in range(start, args.rounds):
         clips = order[(rnd * args.clips_per_round) % len(rows):][:args.clips_per_round]
@@ -189,8 +194,8 @@ def main():
         optimizer = train_round(model, store, pairs, args, log, rnd, world, rank) \
             if len(pairs) >= args.batch_size * world else make_optimizer(model, args.lr, args.weight_decay)
         lora.new_proxy(model)  # merge; the merged model is the next reference; a fresh proxy LoRA trains next
+        held_out(model, test_store, args.eval_n, log, f"after round {rnd + 1}", rank, world)
         if rank == 0:
-            held_out(model, test_store, args.eval_n, log, f"after round {rnd + 1}")
             checkpoint.save(args.out, model, optimizer, {"round": rnd + 1, "args": vars(args)})
     if args.rebirth_clips:
         model = rebirth(model, store, args, log, test_store, world, rank)

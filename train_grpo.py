@@ -26,8 +26,9 @@ from avnano.evaluate import eval_split
 from avnano.grammar import dialogue
 from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
 from avnano.rewards import total_reward
-from avnano.training import (add_lora, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args, set_lr,
-                             setup_distributed, sync_grads, teardown)
+from avnano.distributed import autocast, setup_distributed, sync_grads, teardown
+from avnano.training import (add_lora, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args,
+                             set_lr)
 
 
 def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1):
@@ -35,7 +36,8 @@ def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1)
     sampled them. Returns the first step's loss and k3 KL, max |ratio - 1| seen by the last step (0
     when mu == 1), the completion mask and the last gradient norm."""
     for it in range(args.iterations):
-        logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
+        with autocast(model.device):
+            logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
         if it == 0:
             old = logp.detach()
             kl = ((kl_k3(old, ref) * cmask).sum() / cmask.sum()).item() if ref is not None else 0.0
@@ -51,6 +53,28 @@ def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1)
     return first_loss, kl, ratio_dev, cmask, float(grad_norm)
 
 
+def grpo_step(model, optimizer, items, args, gen, world=1):
+    """Sample G captions per clip, reward them, and take policy_steps on them. Returns policy_steps' numbers plus
+    the (clips, G) rewards and the per-sample reward parts."""
+    G = args.samples
+    with torch.no_grad(), autocast(model.device):  # only the LoRA trains: encode each clip once, share it across G
+        blocks = [b for b in model.av_block(*([it[k] for it in items] for k in (1, 2, 3)))[0] for _ in range(G)]
+        model.eval()
+        texts, ids = model.generate(None, None, None, blocks=blocks, return_ids=True, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, generator=gen)
+    mask = completion_mask(ids, model.tok.eos_ids)
+    completions = [row[:int(m.sum())] for row, m in zip(ids.tolist(), mask)]
+    scored = rewards_for(texts, [it[0] for it in items for _ in range(G)], args)
+    r = torch.tensor([s[0] for s in scored], device=model.device).view(-1, G)
+    adv = group_advantages(r, args.scale).view(-1)
+    model.train()
+    ref = None
+    if args.beta > 0:
+        with torch.no_grad(), lora.disabled(model), autocast(model.device):
+            ref, _ = model.completion_logprobs(blocks, completions, args.temperature)
+    return *policy_steps(model, optimizer, blocks, completions, adv, ref, args, world), r, scored
+
+
 def rewards_for(texts, rows, args):
     out = []
     for text, row in zip(texts, rows):
@@ -59,9 +83,10 @@ def rewards_for(texts, rows, args):
     return out
 
 
-def held_out(model, store, args):
-    """Greedy captions on the held-out split: the exact metrics plus the mean of each reward."""
-    metrics, texts = eval_split(model, store, args.eval_n)
+def held_out(model, store, args, rank=0, world=1):
+    """Greedy captions on the held-out split (each rank captions its share): the exact metrics plus the mean of
+    each reward."""
+    metrics, texts = eval_split(model, store, args.eval_n, rank=rank, world=world)
     scored = rewards_for([t or "" for t in texts], store.rows[:len(texts)], args)
     metrics.update(reward=sum(s[0] for s in scored) / len(scored), words=sum(len((t or "").split()) for t in texts) / len(texts),
                    **{k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")})
@@ -111,33 +136,16 @@ def main():
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank + state["step"])
     log(f"GRPO from {args.init}: G={args.samples}, T={args.temperature}, beta={args.beta}, norm={args.norm}, "
         f"weights={args.weights}, L_max={args.max_words} words; trainable {lora.count_trainable(model)[0]}")
-    if rank == 0:
-        log("before: " + held_out(model, test_store, args))
+    log("before: " + held_out(model, test_store, args, rank, world))
     bar = tqdm(total=args.steps, initial=state["step"], desc="grpo", disable=rank != 0, leave=False)
     while state["step"] < args.steps:
         t0 = time.perf_counter()
         epoch, batch, items = next(stream)
         state["epoch"], state["batch"] = loader.next_position(epoch, batch)
-        if not items:
+        if not items:  # all clips bad: safe to skip locally (every collective is in policy_steps, once per counted step)
             continue
-        G = args.samples
-        with torch.no_grad():  # only the LoRA trains: encode each clip once, share it across its G samples
-            blocks = [b for b in model.av_block(*([it[k] for it in items] for k in (1, 2, 3)))[0] for _ in range(G)]
-        model.eval()
-        texts, ids = model.generate(None, None, None, blocks=blocks, return_ids=True, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, generator=gen)
-        mask = completion_mask(ids, model.tok.eos_ids)
-        completions = [row[:int(m.sum())] for row, m in zip(ids.tolist(), mask)]
-        scored = rewards_for(texts, [it[0] for it in items for _ in range(G)], args)
-        r = torch.tensor([s[0] for s in scored], device=device).view(-1, G)
-        adv = group_advantages(r, args.scale).view(-1)
-        model.train()
-        ref = None
-        if args.beta > 0:
-            with torch.no_grad(), lora.disabled(model):
-                ref, _ = model.completion_logprobs(blocks, completions, args.temperature)
         lr = set_lr(optimizer, state["step"], args)
-        first_loss, kl, ratio_dev, cmask, grad_norm = policy_steps(model, optimizer, blocks, completions, adv, ref, args, world)
+        first_loss, kl, ratio_dev, cmask, grad_norm, r, scored = grpo_step(model, optimizer, items, args, gen, world)
         state["step"] += 1
         parts = {k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")}
         log(f"step={state['step']} loss={first_loss:.4f} reward={r.mean().item():.4f} r_c={parts['r_c']:.4f} "
@@ -150,8 +158,8 @@ def main():
         if args.stop_after and state["step"] >= args.stop_after:
             break
     bar.close()
-    if rank == 0 and state["step"] == args.steps:
-        log("after: " + held_out(model, test_store, args))
+    if state["step"] == args.steps:
+        log("after: " + held_out(model, test_store, args, rank, world))
     teardown(model, log)
 
 

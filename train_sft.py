@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 2 train_sft.py --steps 20
     python train_sft.py --resume             # continue out/sft from its last checkpoint
     python train_sft.py --stage align --out out/align && python train_sft.py --init out/align --stage sft --lora-r 16
+    python train_sft.py --vit SIGLIP --audio WHISPER --llm QWEN2 --stage align --out out/align --grad-checkpointing
+                                             # released towers, then --init out/align --stage sft --lora-r 16
 
 With no arguments: builds the toy world under data/toyworld if absent, trains a byte-level BPE on its
 training captions, trains the tiny preset from scratch, evaluates on the held-out split (Miss, Hall,
@@ -15,6 +17,7 @@ is kept (a model flag it cannot apply stops the run with a message), --lora-r ad
 none, and --stage picks what trains. Every step logs one line of key=value pairs.
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -28,8 +31,9 @@ from avnano.data import ClipStore, Loader, read_splits
 from avnano.errors import run_main
 from avnano.evaluate import eval_split
 from avnano.grounding import spans
+from avnano.distributed import autocast, every_rank, setup_distributed, teardown
 from avnano.training import (build_model, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args,
-                             set_lr, setup_distributed, teardown)
+                             set_grad_checkpointing, set_lr)
 
 STAGES = {"align": {"aligners"}, "sft": {"aligners", "lora"}, "full": {"vit", "audio", "aligners", "decoder", "lora"}}
 
@@ -75,6 +79,7 @@ def main():
     else:
         model = build_model(args, train_rows, p)
     model.set_trainable(STAGES[args.stage] if args.stage != "sft" or model.cfg.lora_r else {"aligners", "decoder"})
+    set_grad_checkpointing(model, args.grad_checkpointing)
     model.to(device).train()
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     if args.resume:
@@ -89,7 +94,6 @@ def main():
     store = ClipStore(train_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, cache=not args.no_cache)
     loader = Loader(store, args.batch_size, args.seed, rank, world)
     stream = loader.iterate(state["epoch"], state["batch"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else torch.autocast("cpu", enabled=False)
     t_start, step_time = time.perf_counter(), 0.0
     bar = tqdm(total=args.steps, initial=state["step"], desc="sft", disable=rank != 0, leave=False)
     while state["step"] < args.steps:
@@ -98,19 +102,24 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "ce": 0.0, "ot": 0.0, "ground": 0.0}
         n_seq = n_frames = n_audio = 0
+        micro = []
         for _ in range(args.grad_accum):
             epoch, batch, items = next(stream)
             state["epoch"], state["batch"] = loader.next_position(epoch, batch)
-            if not items:
-                continue
+            micro.append(items)
+        # DDP all-reduces in every backward: a micro-batch empty on any rank (all its clips bad) is skipped on all ranks
+        micro = [items for items, ok in zip(micro, every_rank([bool(m) for m in micro], world, device)) if ok]
+        for j, items in enumerate(micro):
             ids, masks = zip(*(model.render(r["caption"]) for r, *_ in items))
-            with autocast:
-                ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
-                out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
-            if not torch.isfinite(out["loss"]):
-                raise SystemExit(f"step {state['step']}: loss is {out['loss'].item()} (not finite); stopping. "
-                                 f"Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
-            (out["loss"] / args.grad_accum).backward()
+            # gradients are all-reduced once per optimizer step: in the final micro-batch's backward
+            with ddp.no_sync() if world > 1 and j < len(micro) - 1 else contextlib.nullcontext():
+                with autocast(device):
+                    ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
+                    out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
+                if not torch.isfinite(out["loss"]):
+                    raise SystemExit(f"step {state['step']}: loss is {out['loss'].item()} (not finite); stopping. "
+                                     f"Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
+                (out["loss"] / args.grad_accum).backward()
             for k in sums:
                 sums[k] += out[k].item() / args.grad_accum
             n_seq += out["n_seq"]
@@ -130,8 +139,9 @@ def main():
         bar.update(1)
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             checkpoint.save(args.out, model, optimizer, dict(state, args=vars(args)))
-        if args.eval_every and state["step"] % args.eval_every == 0 and rank == 0:
-            metrics, _ = eval_split(model, ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size), args.eval_n)
+        if args.eval_every and state["step"] % args.eval_every == 0:  # every rank captions its share
+            metrics, _ = eval_split(model, ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size), args.eval_n,
+                                    rank=rank, world=world)
             log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" step={state['step']}")
         if args.stop_after and state["step"] >= args.stop_after:
             break
@@ -139,15 +149,18 @@ def main():
     total_time = time.perf_counter() - t_start
     log(f"trained {state['step']} steps in {total_time:.1f} s; waiting on data {loader.wait_seconds / max(step_time, 1e-9):.1%} "
         f"of step time; {len(store.bad)} bad clips skipped")
-    if rank == 0 and not (args.stop_after and state["step"] < args.steps):
-        final_eval(model, test_rows, args, log)
+    if not (args.stop_after and state["step"] < args.steps):
+        final_eval(model, test_rows, args, log, rank, world)
     teardown(model, log)
 
 
-def final_eval(model, test_rows, args, log):
+def final_eval(model, test_rows, args, log, rank=0, world=1):
+    """Held-out metrics (the ranks caption shares of the split), printed and saved by rank 0."""
     cfg = model.cfg
     store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
-    metrics, texts = eval_split(model, store, args.eval_n)
+    metrics, texts = eval_split(model, store, args.eval_n, rank=rank, world=world)
+    if rank != 0:
+        return
     log("held-out: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     for row, text in list(zip(store.rows, texts))[:3]:
         log(f"\n  clip  {row['video']}\n  truth {row['caption']}\n  model {text}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import EncoderBlock
+from .transformer import EncoderBlock, run_block
 
 SAMPLE_RATE = 16000
 N_FFT = 400                                  # 25 ms window
@@ -70,7 +70,7 @@ def _filters(n_mels, device):
 def log_mel(audio, n_mels=80, exact=True, seconds=CHUNK_SECONDS):
     """audio: float (samples,) or (B, samples) at 16 kHz -> (B, n_mels, frames).
     exact=True pads / trims to `seconds` first (Whisper: 30 s, 3000 frames); else frames = samples // HOP."""
-    audio = torch.as_tensor(audio, dtype=torch.float32)
+    audio = torch.as_tensor(audio, dtype=torch.float32, device=audio.device if torch.is_tensor(audio) else "cpu")
     if audio.dim() == 1:
         audio = audio[None]
     if exact:
@@ -134,6 +134,7 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg.dim, cfg.n_heads, cfg.hidden_dim, "gelu", 1e-5, k_bias=False)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.grad_checkpointing = False  # recompute each block in the backward (memory for compute)
 
     def forward(self, mel, mask=None, lengths=None):
         """mel (B, n_mels, frames) -> (B, cfg.n_tokens(frames), dim). For a padded batch, mask: the key mask
@@ -158,5 +159,5 @@ class AudioEncoder(nn.Module):
                              "cut it into segments of at most max_seconds")
         x = x + self.pos_embed[:T]
         for block in self.blocks:
-            x = block(x, mask)
+            x = run_block(self, block, x, mask)
         return self.norm(x)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .transformer import run_block
+
 
 @dataclass
 class DecoderConfig:
@@ -160,6 +162,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        self.grad_checkpointing = False  # recompute each block in the backward (memory for compute)
 
     @staticmethod
     def _init(m):
@@ -189,7 +192,7 @@ class Decoder(nn.Module):
             positions = (slots if cache is not None else torch.arange(T, device=x.device)).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_linear_factor, x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache)
+            x = run_block(self, block, x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
         h = self.norm(x[:, -1:] if last_only else x)

@@ -126,7 +126,7 @@ def _decode_frames(path, container, stream, fps, max_frames, size):
     kept = sorted(got)  # frames that failed to decode (truncation) are dropped, the rest keep their times
     chosen = [min(kept, key=lambda k: abs(k - float(times[i]))) for i in picks]
     frames = np.stack([got[k] for k in chosen])
-    return torch.from_numpy(frames), torch.tensor(chosen, dtype=torch.float32), duration
+    return torch.from_numpy(frames), torch.tensor(chosen, dtype=torch.float32, device="cpu"), duration
 
 
 def _resample(chunks):
@@ -183,7 +183,7 @@ def load_audio(path):
 
 def load_clip(path, fps=2.0, max_frames=32, size=(224, 224)):
     """A media file -> Clip. size=(W, H) of the returned frames (None keeps the source size)."""
-    no_frames = torch.zeros(0, *((size[1], size[0]) if size else (1, 1)), 3, dtype=torch.uint8), torch.zeros(0)
+    no_frames = torch.zeros(0, *((size[1], size[0]) if size else (1, 1)), 3, dtype=torch.uint8, device="cpu"), torch.zeros(0, device="cpu")
     if path.lower().endswith(SOUNDFILE_SUFFIXES):
         audio = load_audio(path)
         return Clip(*no_frames, audio, len(audio) / SAMPLE_RATE, has_video=False, has_audio=True)
@@ -203,7 +203,7 @@ def load_clip(path, fps=2.0, max_frames=32, size=(224, 224)):
             raise MediaError(path, "audio stream has no samples")
         duration = len(audio) / SAMPLE_RATE
     if not has_audio:  # documented fallback: silence as long as the video
-        audio = torch.zeros(int(round(duration * SAMPLE_RATE)))
+        audio = torch.zeros(int(round(duration * SAMPLE_RATE)), device="cpu")
     return Clip(frames, times, audio, duration, has_video=has_video, has_audio=has_audio)
 
 

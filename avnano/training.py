@@ -1,14 +1,15 @@
 """What train_sft.py, train_dpo.py and train_grpo.py share (nanoGPT's train.py, split so no script imports another).
 
-Argument groups (model / data / optimisation / run; each script adds its own flags to them), DDP setup
-and teardown through torchrun (gloo on CPU, nccl on CUDA), printing on rank 0 only, AdamW with linear
-warm-up and cosine decay, the model from a preset or from `--init` (plus a LoRA), the toy world built
-on first use, and the hand-made collectives of DPO / GRPO (their loss is computed outside DDP's forward).
+Argument groups (model / data / optimisation / run; each script adds its own flags to them), AdamW with
+linear warm-up and cosine decay, the model from a preset, from three released towers (--vit/--audio/--llm) or from
+`--init` (plus a LoRA), gradient checkpointing and the toy world built on first use. DDP, collectives
+and autocast live in distributed.py.
 """
 import argparse
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ from . import checkpoint, lora, toyworld
 from .errors import InputError
 from .model import PRESETS, AVCaptioner, preset
 from .tokenizer import Tokenizer
+from .weights import read_config
 
 # Flags that name an AVConfig field. --init keeps the checkpoint's architecture (a different value is
 # refused by name); the loss weights are this run's objective, so --init applies them.
@@ -58,6 +60,16 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
         g.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding loss (needs manifest "
                        "events; 0 = off)")
         g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
+        g.add_argument("--vit", default=None, help="released SigLIP / CLIP directory (with --audio and --llm: a captioner "
+                       "from released towers, fresh aligners, the LLM's tokenizer and chat template)")
+        g.add_argument("--audio", default=None, help="released Whisper directory (its encoder half is used)")
+        g.add_argument("--llm", default=None, help="released LlamaForCausalLM / Qwen2ForCausalLM directory (SmolLM2, "
+                       "Qwen2.5) with its tokenizer.json")
+        g.add_argument("--merge", type=int, default=None, help="merge each m x m group of ViT patches into one visual "
+                       "token (tokens per frame = (grid / m)^2); default 2 for --vit (SigLIP-B/16 at 224 px: 14 x 14 "
+                       "-> 49 tokens per frame), the preset's own otherwise")
+        g.add_argument("--grad-checkpointing", action="store_true", help="recompute the decoder's and the encoders' "
+                       "blocks in the backward instead of storing their activations (less memory, ~1.3x compute)")
     return g
 
 
@@ -96,65 +108,6 @@ def run_args(p, out, save_every=None):
     return g
 
 
-# ----------------------------------------------------------------------------------- distributed
-def setup_distributed(device):
-    """torchrun sets RANK / WORLD_SIZE. Returns (rank, world, device, log); log prints on rank 0 only."""
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    return rank, world, device, log
-
-
-def teardown(model, log):
-    """Under DDP: report how far the replicas drifted apart, then close the process group."""
-    if dist.is_initialized():
-        log(f"rank_weight_max_diff={rank_weight_diff(model):.3e}")
-        dist.barrier()  # every rank idle before the gloo pairs close (else a rank can abort at exit)
-        dist.destroy_process_group()
-
-
-def rank_weight_diff(model):
-    """Largest |w_rank - w_rank0| over every parameter and rank: 0 when the replicas stayed in step."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
-
-
-def sync_grads(model, world):
-    """Average gradients over ranks (what DDP does inside backward, for losses computed outside its forward)."""
-    if world > 1:
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-
-
-def mean_over_ranks(values, world):
-    """Average a list of floats over the ranks (logged statistics), unchanged when world == 1."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return t.tolist()
-
-
-def gather(items, world):
-    """Every rank's list, concatenated in rank order, on every rank."""
-    if world == 1:
-        return items
-    out = [None] * world
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
 # ----------------------------------------------------------------------------------- data
 def ensure_toy_world(args, rank):
     """Build the toy world under the default --data directory on first use; refuse one made by other code."""
@@ -187,16 +140,24 @@ def build_model(args, train_rows, parser):
     """A fresh --preset model with a BPE tokenizer trained on the captions, or --init's checkpoint with the
     loss weights and --lora-r applied; a model flag --init cannot apply is refused by name."""
     torch.manual_seed(args.seed)
+    if (model := released_model(args)) is not None:
+        return model
     if not args.init:
         tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=args.vocab)
         cfg = preset(args.preset, tok.vocab_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                      **{k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS if getattr(args, k) is not None})
+        if args.merge:
+            if cfg.vit.grid % args.merge:
+                parser.error(f"--merge {args.merge} does not divide the {args.preset} preset's {cfg.vit.grid} x "
+                             f"{cfg.vit.grid} patch grid")
+            cfg = replace(cfg, vit=replace(cfg.vit, merge=args.merge))
         return AVCaptioner(cfg, tok)
     model = checkpoint.load_model(args.init)
     cfg, ref = model.cfg, preset(args.preset, model.cfg.decoder.vocab_size)
     theirs = {k: getattr(cfg, k) for k in ARCHITECTURE}
     theirs["preset"] = args.preset if (ref.vit, ref.audio, ref.decoder) == (cfg.vit, cfg.audio, cfg.decoder) else "another size"
     theirs["vocab"] = "its own tokenizer"
+    theirs["merge"] = cfg.vit.merge
     theirs["lora_r"] = cfg.lora_r or args.lora_r  # a checkpoint without a LoRA gets one
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {v})" for k, v in theirs.items()
              if getattr(args, k) != parser.get_default(k) and getattr(args, k) != v]
@@ -206,6 +167,36 @@ def build_model(args, train_rows, parser):
         setattr(cfg, k, getattr(args, k))
     add_lora(model, args.lora_r, args.lora_alpha)
     return model
+
+
+def set_grad_checkpointing(model, on=True):
+    """Checkpoint every block of the decoder, the ViT and the audio encoder (used only when training)."""
+    for tower in (model.decoder, model.vit, model.audio):
+        tower.grad_checkpointing = on
+
+
+def released_model(args):
+    """--vit/--audio/--llm: the three released towers, fresh aligners, the architecture flags applied."""
+    given = [f"--{k}" for k in ("vit", "audio", "llm") if getattr(args, k)]
+    if args.init and given:
+        raise InputError(args.init, f"--init keeps the checkpoint's towers; cannot also load {', '.join(given)}")
+    if len(given) not in (0, 3):
+        missing = [f"--{k}" for k in ("vit", "audio", "llm") if not getattr(args, k)]
+        raise InputError(", ".join(given), "released towers need all three of --vit, --audio and --llm "
+                         f"({', '.join(missing)} missing)")
+    if not given:
+        return None
+    vit = read_config(args.vit)
+    v = vit.get("vision_config", vit)
+    grid, merge = v.get("image_size", 0) // max(1, v.get("patch_size", 1)), args.merge or 2
+    if grid % merge:
+        raise InputError(os.path.join(args.vit, "config.json"), f"--merge {merge} does not divide the {grid} x {grid} "
+                         f"patch grid (choose one of {[m for m in range(1, grid + 1) if grid % m == 0]})")
+    overrides = {k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS if getattr(args, k) is not None}
+    model = checkpoint.released_captioner(args.vit, args.audio, args.llm, merge=merge, lora_r=args.lora_r,
+                                          lora_alpha=args.lora_alpha, **overrides)
+    model.render("")  # a chat template avnano cannot render stops the run here, naming its file
+    return model.train()
 
 
 def make_optimizer(model, lr, weight_decay):

@@ -9,6 +9,7 @@ k_proj has a bias (Whisper's does not).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -46,6 +47,14 @@ class EncoderBlock(nn.Module):
     def forward(self, x, mask=None):
         x = x + self.attn(self.norm1(x), mask)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+def run_block(owner, block, *args):
+    """block(*args), or, when owner.grad_checkpointing is set and a backward will follow (training, grad
+    enabled), recomputed in the backward instead of keeping its activations (non-reentrant checkpoint)."""
+    if getattr(owner, "grad_checkpointing", False) and owner.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def block_keymap(hf_prefix, our_prefix, names, k_bias=True):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import EncoderBlock
+from .transformer import EncoderBlock, run_block
 
 # Preprocessing constants of the released image processors.
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -101,6 +101,7 @@ class ViT(nn.Module):
         self.post_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.head = MAPHead(cfg) if cfg.map_head else None
         nn.init.normal_(self.pos_embed, std=0.02)
+        self.grad_checkpointing = False  # recompute each block in the backward (memory for compute)
 
     def forward(self, pixel_values):
         """pixel_values (B, 3, S, S), already normalised -> (hidden (B, T, D), pooled (B, D) or None).
@@ -112,7 +113,7 @@ class ViT(nn.Module):
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(self, block, x)
         if self.cls is None:
             x = self.post_norm(x)
             return x, (self.head(x) if self.head is not None else None)

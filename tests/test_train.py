@@ -1,6 +1,10 @@
 """The training scripts as a user runs them: two-process DDP on CPU, kill-and-resume exactness (SFT and DPO), a corrupt
-clip skipped, --init with a LoRA and a stage, --compile's checkpoints, and sample.py printing the model's caption."""
+clip skipped, --init with a LoRA and a stage, --compile's checkpoints, and sample.py printing the model's caption; the
+CUDA/DDP conventions proven on CPU (collectives on the model's device, backend choice, no_sync, empty shards, sharded
+evaluation, TF32, bf16 autocast in DPO / GRPO)."""
+import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -22,15 +26,77 @@ def world(tmp_path_factory):
     return toyworld.build(str(tmp_path_factory.mktemp("world")), 12, 2, seed=1, workers=1, progress=False)
 
 
-def run_script(script, args, nproc=1):
+# Loaded into every torchrun child (PYTHONPATH): logs each collective's tensor devices, each DDP bucket all-reduce
+# (is it the backward's last bucket?) and each rank's number of evaluated clips to $PROBE_LOG.rank.
+PROBE = """
+import os
+if "RANK" in os.environ and os.environ.get("PROBE_LOG"):
+    import functools, json
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    import avnano.evaluate
+    log = open(os.environ["PROBE_LOG"] + "." + os.environ["RANK"], "a")
+    def note(**kw):
+        log.write(json.dumps(kw) + "\\n")
+        log.flush()
+    def probe(name, fn):
+        @functools.wraps(fn)
+        def call(*a, **k):
+            tensors = [x for x in list(a) + list(k.values()) for x in (x if isinstance(x, (list, tuple)) else [x])
+                       if hasattr(x, "device")]
+            note(op=name, devices=[str(t.device) for t in tensors])
+            return fn(*a, **k)
+        return call
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce"):
+        setattr(dist, name, probe(name, getattr(dist, name)))
+    init = DistributedDataParallel.__init__
+    def ddp_init(self, module, *a, **k):
+        init(self, module, *a, **k)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        note(op="model", devices=[str(next(module.parameters()).device)])
+        def hook(state, bucket):
+            note(op="ddp_bucket", last=bucket.is_last(), devices=[str(bucket.buffer().device)])
+            return allreduce_hook(state, bucket)
+        self.register_comm_hook(None, hook)
+    DistributedDataParallel.__init__ = ddp_init
+    captions = avnano.evaluate.caption_clips
+    def caption_clips(model, store, indices, *a, **k):
+        note(op="caption", n=len(indices), devices=[str(model.device)])
+        return captions(model, store, indices, *a, **k)
+    avnano.evaluate.caption_clips = caption_clips
+"""
+
+
+def probe_env(tmp_path, name="log"):
+    (tmp_path / "probe").mkdir(exist_ok=True)
+    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path / "probe"), ROOT]), "PROBE_LOG": str(tmp_path / "probe" / name)}
+
+
+def probed(tmp_path, rank, name="log"):
+    return [json.loads(x) for x in open(tmp_path / "probe" / f"{name}.{rank}")]
+
+
+def check_collectives(tmp_path, name, device="cpu"):
+    """Every probed collective of both ranks got tensors on the model's device; both ranks captioned held-out clips."""
+    for rank in (0, 1):
+        calls = probed(tmp_path, rank, name)
+        models = {d for c in calls if c["op"] in ("model", "caption") for d in c["devices"]}
+        assert models == {device}  # the --device the script was given
+        assert any(c["op"] not in ("model", "caption") for c in calls)
+        assert all(d == device for c in calls for d in c["devices"]), calls
+        assert any(c["op"] == "caption" and c["n"] > 0 for c in calls)  # evaluation sharded, not rank 0 alone
+
+
+def run_script(script, args, nproc=1, env=None, timeout=600):
     if nproc > 1:  # a free port each time: a fixed one can still be held by the previous run's store
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
     cmd = [sys.executable, script] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port), script]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    out = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    out = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -56,9 +122,102 @@ def test_kill_and_resume_reproduces_losses(world, tmp_path):
 
 
 def test_two_process_ddp_keeps_ranks_identical(world, tmp_path):
-    log = run(["--data", world, "--steps", "3", "--out", str(tmp_path / "ddp")] + FAST, nproc=2)
+    # probed in each rank: every collective's tensors on the model's device; --grad-accum 2 once all-reduced every
+    # micro-batch (no no_sync); the held-out evaluation once ran on rank 0 while rank 1 waited in a collective
+    log = run_script("train_sft.py", ["--data", world, "--steps", "3", "--grad-accum", "2", "--out", str(tmp_path / "ddp")]
+                     + FAST, nproc=2, env=probe_env(tmp_path))
     assert "world 2" in log and len(losses(log)) == 3
     assert float(re.search(r"rank_weight_max_diff=(\S+)", log)[1]) == 0.0
+    check_collectives(tmp_path, "log")
+    for rank in (0, 1):
+        calls = probed(tmp_path, rank)
+        assert sum(c["op"] == "ddp_bucket" and c["last"] for c in calls) == 3  # one gradient all-reduce per step
+        assert [c["n"] for c in calls if c["op"] == "caption"] == [1]  # --eval-n 2: one clip per rank
+
+
+def bad_first_batch_of_rank1(world, tmp_path):
+    """A manifest whose rank-1 share of the first global batch (batch 2 x 2 ranks, seed 0) is all broken clips."""
+    from avnano.data import batch_indices
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(x) for x in open(os.path.join(world, "train.jsonl"))]
+    for r in rows:
+        r["video"] = os.path.join(world, r["video"])
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    for i in batch_indices(len(rows), 2, 0, 0, rank=1, world=2)[0]:
+        rows[i] = dict(rows[i], video=str(tmp_path / "broken.mp4"))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "test.jsonl").write_text(open(os.path.join(world, "test.jsonl")).read().replace('"clips/', f'"{world}/clips/'))
+    return str(data)
+
+
+def test_a_rank_with_an_empty_batch_does_not_hang_the_others(world, tmp_path):
+    # rank 1 once `continue`d past its empty micro-batch while rank 0 waited in DDP's all-reduce (a hang, or ranks out
+    # of step); now every rank skips a micro-batch that is empty on any rank
+    data = bad_first_batch_of_rank1(world, tmp_path)
+    log = run_script("train_sft.py", ["--data", data, "--steps", "2", "--out", str(tmp_path / "o")] + FAST, nproc=2,
+                     timeout=300)
+    assert "skipping bad clip:" in log and len(losses(log)) == 2
+    assert float(re.search(r"rank_weight_max_diff=(\S+)", log)[1]) == 0.0
+
+
+def test_collectives_take_tensors_on_the_models_device(monkeypatch):
+    # mean_over_ranks once all-reduced a CPU float64 tensor, which NCCL refuses; a model on "meta" stands in for CUDA
+    import torch.distributed as dist
+
+    from avnano import distributed
+
+    class Reached(Exception):
+        pass
+
+    model = torch.nn.Linear(3, 2, device="meta")
+    device = next(model.parameters()).device
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def check(t, *a, **k):
+        assert t.device == device, f"a collective got a tensor on {t.device}, the model is on {device}"
+        raise Reached
+
+    for name in ("all_reduce", "broadcast"):
+        monkeypatch.setattr(dist, name, check)
+    for call in (lambda: distributed.mean_over_ranks([1.0, 2.0], 2, device), lambda: distributed.every_rank([True], 2, device),
+                 lambda: distributed.sync_grads(model, 2), lambda: distributed.rank_weight_diff(model)):
+        with pytest.raises(Reached):
+            call()
+
+
+@pytest.mark.parametrize("device,local_rank,expected", [("cuda", 1, ("nccl", "cuda:1")), ("cuda:0", 1, ("nccl", "cuda:1")),
+                                                         ("cuda:0", 0, ("nccl", "cuda:0")), ("cpu", 1, ("gloo", "cpu"))])
+def test_backend_follows_the_device_type(device, local_rank, expected):
+    # --device cuda:0 once picked gloo (the check was device == "cuda")
+    from avnano.distributed import backend_for
+    assert backend_for(device, local_rank) == expected
+
+
+def test_cuda_device_is_set_before_the_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from avnano import distributed
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: calls.append(("init", backend, str(k.get("device_id")))))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    rank, world, device, _ = distributed.setup_distributed("cuda:0")
+    assert (rank, world, device) == (1, 2, "cuda:1")
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl", "cuda:1")]
+
+
+def test_setup_turns_tf32_on(monkeypatch):
+    from avnano.distributed import setup_distributed
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    setup_distributed("cpu")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
 def test_corrupt_clip_is_skipped_and_counted(world, tmp_path):
@@ -170,14 +329,18 @@ def test_grpo_runs_and_reports_its_signals(world, sft_ckpt, tmp_path):
 
 def test_two_process_dpo_and_grpo_keep_ranks_identical(world, sft_ckpt, tmp_path):
     dpo = run_script("train_dpo.py", ["--init", sft_ckpt, "--data", world, "--rounds", "2", "--guided", "--rebirth-clips", "4",
-                                      "--rebirth-steps", "2", "--out", str(tmp_path / "dpo")] + DPO_FAST + ["--batch-size", "1"], nproc=2)
+                                      "--rebirth-steps", "2", "--out", str(tmp_path / "dpo")] + DPO_FAST + ["--batch-size", "1"], nproc=2,
+                     env=probe_env(tmp_path, "dpo"))
     kept = [int(k) for k in re.findall(r"kept (\d+) pairs", dpo)]
     assert len(kept) == 2 and "round=2 epoch=1 step=1" in dpo and "rebirth: kept" in dpo
     assert float(re.search(r"rank_weight_max_diff=(\S+)", dpo)[1]) == 0.0
     grpo = run_script("train_grpo.py", ["--init", sft_ckpt, "--data", world, "--steps", "2", "--batch-size", "1", "--samples", "2",
-                                        "--eval-n", "2", "--max-new-tokens", "16", "--out", str(tmp_path / "grpo")], nproc=2)
+                                        "--eval-n", "2", "--max-new-tokens", "16", "--out", str(tmp_path / "grpo")], nproc=2,
+                       env=probe_env(tmp_path, "grpo"))
     assert re.findall(r"step=(\d+) loss=", grpo) == ["1", "2"]
     assert float(re.search(r"rank_weight_max_diff=(\S+)", grpo)[1]) == 0.0
+    check_collectives(tmp_path, "dpo")  # mean_over_ranks, sync_grads, rank_weight_diff, sharded held-out evaluations
+    check_collectives(tmp_path, "grpo")
 
 
 def test_sample_prints_the_models_caption_for_any_file(world, sft_ckpt, tmp_path):
@@ -206,3 +369,40 @@ def test_sample_prints_the_models_caption_for_any_file(world, sft_ckpt, tmp_path
         assert note is None or note in log
     log = run_script("sample.py", ["--ckpt", sft_ckpt, "--video", clip, "--max-new-tokens", "12", "--num-beams", "3"])
     assert printed(log, caption(clip, num_beams=3))
+
+
+def test_dpo_and_grpo_steps_score_and_sample_under_bf16_autocast(world, sft_ckpt, monkeypatch):
+    # DPO / GRPO once scored and sampled in fp32 on CUDA (autocast only in SFT); CPU bf16 autocast runs the same path
+    import train_dpo
+    import train_grpo
+    from avnano import distributed, training
+    from avnano.checkpoint import load_model
+    from avnano.data import ClipStore, read_splits
+    monkeypatch.setattr(distributed, "CPU_BF16", True)
+    model = load_model(sft_ckpt)
+    training.add_lora(model, 4, 8.0)
+    model.set_trainable({"lora"})
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")
+                                                                       if torch.is_autocast_enabled("cpu") else None))
+    rows = read_splits(world)[0]
+    store = ClipStore(rows, model.cfg.fps, model.cfg.max_frames, model.cfg.vit.image_size)
+    args = argparse.Namespace(seed=0, batch_size=2, samples=2, max_new_tokens=8, temperature=1.0, thresholds="total:-1,repetition:-1",
+                              later_thresholds="total:-1,repetition:-1", lr=1e-2, weight_decay=0.0, epochs=1, beta=0.1,
+                              loss="sigmoid", cdpo_eps=0.1, guided=True, guided_weight=0.1, grad_clip=1.0, iterations=2,
+                              clip_eps=0.2, clip_eps_high=None, norm="grpo", scale="std", max_words=30, weights=(1.0, 1.0, 1.0))
+    pairs = train_dpo.build_pairs(model, store, [0, 1], args, 0, print, 1, 0)  # sampling
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    pairs = pairs or [(0, rows[0]["caption"], rows[1]["caption"]), (1, rows[1]["caption"], rows[0]["caption"])]
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    seen.clear()
+    train_dpo.train_round(model, store, pairs[:2], args, print, 0, 1, 0)  # scoring: policy, reference, ground truth
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the step moved the LoRA
+    seen.clear()
+    items = [(rows[i], *store.get(i)) for i in (0, 1)]
+    optimizer = training.make_optimizer(model, args.lr, 0.0)
+    loss, kl, ratio_dev, cmask, grad_norm, r, _ = train_grpo.grpo_step(model, optimizer, items, args, torch.Generator().manual_seed(0))
+    assert seen and all(d == torch.bfloat16 for d in seen)  # sampling, reference and both policy iterations
+    assert r.shape == (2, 2) and all(map(math.isfinite, (loss, kl, ratio_dev, grad_norm)))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
