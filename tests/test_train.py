@@ -135,20 +135,26 @@ def test_two_process_ddp_keeps_ranks_identical(world, tmp_path):
         assert [c["n"] for c in calls if c["op"] == "caption"] == [1]  # --eval-n 2: one clip per rank
 
 
-def bad_first_batch_of_rank1(world, tmp_path):
-    """A manifest whose rank-1 share of the first global batch (batch 2 x 2 ranks, seed 0) is all broken clips."""
-    from avnano.data import batch_indices
+def manifest_with_broken_clips(world, tmp_path, broken):
+    """A copy of the tiny world's manifests (absolute paths) whose rows `broken` point at a corrupt mp4."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [json.loads(x) for x in open(os.path.join(world, "train.jsonl"))]
     for r in rows:
         r["video"] = os.path.join(world, r["video"])
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
-    for i in batch_indices(len(rows), 2, 0, 0, rank=1, world=2)[0]:
+    for i in broken:
         rows[i] = dict(rows[i], video=str(tmp_path / "broken.mp4"))
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "test.jsonl").write_text(open(os.path.join(world, "test.jsonl")).read().replace('"clips/', f'"{world}/clips/'))
     return str(data)
+
+
+def bad_first_batch_of_rank1(world, tmp_path):
+    """A manifest whose rank-1 share of the first global batch (batch 2 x 2 ranks, seed 0) is all broken clips."""
+    from avnano.data import batch_indices
+    n = sum(1 for _ in open(os.path.join(world, "train.jsonl")))
+    return manifest_with_broken_clips(world, tmp_path, batch_indices(n, 2, 0, 0, rank=1, world=2)[0])
 
 
 def test_a_rank_with_an_empty_batch_does_not_hang_the_others(world, tmp_path):
@@ -221,16 +227,8 @@ def test_setup_turns_tf32_on(monkeypatch):
 
 
 def test_corrupt_clip_is_skipped_and_counted(world, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [json.loads(x) for x in open(os.path.join(world, "train.jsonl"))]
-    for r in rows:
-        r["video"] = os.path.join(world, r["video"])
-    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
-    rows[0] = dict(rows[0], video=str(tmp_path / "broken.mp4"))
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "test.jsonl").write_text(open(os.path.join(world, "test.jsonl")).read().replace('"clips/', f'"{world}/clips/'))
-    log = run(["--data", str(data), "--steps", "6", "--out", str(tmp_path / "o")] + FAST)
+    data = manifest_with_broken_clips(world, tmp_path, [0])
+    log = run(["--data", data, "--steps", "6", "--out", str(tmp_path / "o")] + FAST)
     assert "skipping bad clip:" in log and "broken.mp4" in log
     assert "skipped=1" in log and "1 bad clips skipped" in log and len(losses(log)) == 6
 
