@@ -54,3 +54,18 @@ def test_merge_disable_proxy():
     assert (m(IDS) - adapted).abs().max() <= 1e-5
     with lora.disabled(m):
         assert (m(IDS) - adapted).abs().max() <= 1e-5
+
+
+def test_adapter_stays_float32_on_a_bf16_base():
+    # the adapter once took the base's dtype: a bf16 B cannot hold the small first updates of a zero init
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    lora.inject(model, [r"0"], r=2, alpha=4)
+    layer = model[0]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.fill_(1e-3)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    y = layer(x)
+    want = x.float() @ layer.weight.float().T + layer.bias.float() + 2.0 * (x.float() @ layer.lora_A.T @ layer.lora_B.T)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, atol=3e-2)

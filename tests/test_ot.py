@@ -78,3 +78,14 @@ def test_ot_fuse_mixes_by_plan():
     fv, fa = ot_fuse(v, a)
     _, P = by_hand(v, a)
     assert torch.allclose(fv, v + 3 * P @ a, atol=1e-6) and torch.allclose(fa, a + 5 * P.T @ v, atol=1e-6)
+
+
+def test_cost_stays_float32_under_bf16_autocast():
+    # the cosine cost once followed autocast into bf16, and Sinkhorn divides it by eps = 0.1
+    g = torch.Generator().manual_seed(0)
+    v, a = torch.randn(6, 16, generator=g), torch.randn(4, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cost = cosine_cost(v, a)
+        loss = ot_loss(v, a)
+    assert cost.dtype == torch.float32 and loss.dtype == torch.float32
+    assert torch.allclose(cost, cosine_cost(v, a), atol=0) and torch.allclose(loss, ot_loss(v, a), atol=1e-6)
