@@ -87,8 +87,8 @@ def measure(shape, merge, batch, frames, ckpt):
         except ImportError:
             model.decoder.grad_checkpointing = ckpt
     g = torch.Generator().manual_seed(1)
-    clips = [(torch.randint(0, 256, (frames, 224, 224, 3), dtype=torch.uint8, generator=g),
-              torch.arange(frames) / model.cfg.fps, 0.1 * torch.randn(int(CLIP_SECONDS * 16000), generator=g))
+    clips = [(torch.randint(0, 256, (frames, 224, 224, 3), dtype=torch.uint8, generator=g, device="cpu"),
+              torch.arange(frames, device="cpu") / model.cfg.fps, 0.1 * torch.randn(int(CLIP_SECONDS * 16000), generator=g, device="cpu"))
              for _ in range(batch)]
     ids, masks = zip(*(model.render(CAPTION) for _ in range(batch)))
     weights = rss_mb("VmRSS:") - base
