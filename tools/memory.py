@@ -76,19 +76,13 @@ def measure(shape, merge, batch, frames, ckpt):
     """Child process: one forward + backward; resident-memory figures in MB."""
     import torch
     base = rss_mb("VmRSS:")
+    from avnano.training import set_grad_checkpointing
     model = build(shape, merge)
-    has_ckpt = hasattr(model.decoder, "grad_checkpointing")
-    if ckpt and not has_ckpt:
-        return dict(skipped="no model.decoder.grad_checkpointing")
-    if has_ckpt:
-        try:
-            from avnano.training import set_grad_checkpointing
-            set_grad_checkpointing(model, ckpt)
-        except ImportError:
-            model.decoder.grad_checkpointing = ckpt
+    set_grad_checkpointing(model, ckpt)
     g = torch.Generator().manual_seed(1)
     clips = [(torch.randint(0, 256, (frames, 224, 224, 3), dtype=torch.uint8, generator=g, device="cpu"),
-              torch.arange(frames, device="cpu") / model.cfg.fps, 0.1 * torch.randn(int(CLIP_SECONDS * 16000), generator=g, device="cpu"))
+              torch.arange(frames, device="cpu") / model.cfg.fps,
+              0.1 * torch.randn(int(CLIP_SECONDS * 16000), generator=g, device="cpu"))
              for _ in range(batch)]
     ids, masks = zip(*(model.render(CAPTION) for _ in range(batch)))
     weights = rss_mb("VmRSS:") - base
@@ -102,7 +96,7 @@ def measure(shape, merge, batch, frames, ckpt):
     n_audio = out["n_seq"] // batch - frames * model.cfg.vit.tokens_per_frame - text
     return dict(params=params(model), weights_mb=weights, act_mb=rss_mb("VmHWM:") - before, seconds=seconds,
                 tokens=out["n_seq"], visual_per_frame=model.cfg.vit.tokens_per_frame, audio=n_audio,
-                text=text, has_ckpt=has_ckpt)
+                text=text)
 
 
 def run_child(**kw):
@@ -142,8 +136,6 @@ def main():
         for batch, merge, ckpt in plan:
             r = run_child(shape=shape, merge=merge, batch=batch, frames=int(frames[shape]), ckpt=ckpt)
             print(f"# {shape} merge={merge} batch={batch} ckpt={ckpt}: {r}", file=sys.stderr, flush=True)
-            if "skipped" in r:
-                continue
             raw.append(dict(r, shape=shape, merge=merge, batch=batch, frames=int(frames[shape]), ckpt=ckpt))
             info.setdefault(shape, {})[merge] = r
     wall = time.perf_counter() - t_start
