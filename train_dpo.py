@@ -31,7 +31,7 @@ from avnano.grammar import parse
 from avnano.metrics import evaluate, repetition_rate
 from avnano.rewards import checklist_reward
 from avnano.distributed import autocast, gather, mean_over_ranks, setup_distributed, sync_grads, teardown
-from avnano.training import add_lora, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args
+from avnano.training import data_args, ensure_toy_world, make_optimizer, model_args, opt_args, policy_lora, run_args
 
 
 def parse_thresholds(text):
@@ -178,8 +178,7 @@ def main():
     # round-level resume: the checkpoint holds the merged model (and a fresh proxy LoRA) after its last round
     path = checkpoint.resume_path(args.out) if args.resume else args.init
     model = checkpoint.load_model(path, device=device)
-    add_lora(model, args.lora_r, args.lora_alpha)
-    model.set_trainable({"lora"})
+    policy_lora(model, args.lora_r, args.lora_alpha, args.resume)
     start = 0
     if args.resume:  # the optimizer holds exactly the LoRA parameters the checkpoint's optimizer had
         start = checkpoint.load_state(path, make_optimizer(model, args.lr, args.weight_decay))["round"]

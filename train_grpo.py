@@ -27,7 +27,7 @@ from avnano.grammar import dialogue
 from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
 from avnano.rewards import total_reward
 from avnano.distributed import autocast, setup_distributed, sync_grads, teardown
-from avnano.training import (add_lora, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args,
+from avnano.training import (data_args, ensure_toy_world, make_optimizer, model_args, opt_args, policy_lora, run_args,
                              set_lr)
 
 
@@ -121,13 +121,13 @@ def main():
         lengths = sorted(len(r["caption"].split()) for r in rows)
         args.max_words = lengths[int(0.95 * (len(lengths) - 1))]
     torch.manual_seed(args.seed)  # the same LoRA init on every rank; sampling draws from each rank's own generator
-    model = checkpoint.load_model(checkpoint.resume_path(args.out) if args.resume else args.init, device=device)
-    add_lora(model, args.lora_r, args.lora_alpha)
-    model.set_trainable({"lora"})
+    path = checkpoint.resume_path(args.out) if args.resume else args.init
+    model = checkpoint.load_model(path, device=device)
+    policy_lora(model, args.lora_r, args.lora_alpha, args.resume)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     state = {"step": 0, "epoch": 0, "batch": 0}
     if args.resume:
-        state = checkpoint.load_state(checkpoint.resume_path(args.out), optimizer)
+        state = checkpoint.load_state(path, optimizer)
     cfg = model.cfg
     store = ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
     test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)

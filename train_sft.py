@@ -19,6 +19,7 @@ none, and --stage picks what trains. Every step logs one line of key=value pairs
 import argparse
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -92,6 +93,7 @@ def main():
 
     cfg = model.cfg
     store = ClipStore(train_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, cache=not args.no_cache)
+    test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)  # decoded once, evaluated many times
     loader = Loader(store, args.batch_size, args.seed, rank, world)
     stream = loader.iterate(state["epoch"], state["batch"])
     t_start, step_time = time.perf_counter(), 0.0
@@ -100,7 +102,8 @@ def main():
         t0, wait0 = time.perf_counter(), loader.wait_seconds
         lr = set_lr(optimizer, state["step"], args)
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "ce": 0.0, "ot": 0.0, "ground": 0.0}
+        keys = ("loss", "ce", "ot", "ground")
+        sums = torch.zeros(len(keys), device=device)  # logged sums stay on the device: one read per step
         n_seq = n_frames = n_audio = 0
         micro = []
         for _ in range(args.grad_accum):
@@ -116,22 +119,22 @@ def main():
                 with autocast(device):
                     ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
                     out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
-                if not torch.isfinite(out["loss"]):
-                    raise SystemExit(f"step {state['step']}: loss is {out['loss'].item()} (not finite); stopping. "
-                                     f"Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
-                (out["loss"] / args.grad_accum).backward()
-            for k in sums:
-                sums[k] += out[k].item() / args.grad_accum
+                (out["loss"] / len(micro)).backward()  # the mean over the micro-batches that ran
+            sums += torch.stack([out[k].detach().float() for k in keys]) / len(micro)
             n_seq += out["n_seq"]
             n_frames += sum(len(it[1]) for it in items)
             n_audio += sum(len(it[3]) // 320 for it in items)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip))
+        sums = dict(zip(keys, sums.tolist()))
+        if not math.isfinite(grad_norm):  # the same all-reduced gradients on every rank: every rank stops here together
+            raise SystemExit(f"step {state['step'] + 1}: loss {sums['loss']}, gradient norm {grad_norm} (not finite); "
+                             f"stopping. Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
         optimizer.step()
         state["step"] += 1
         dt = time.perf_counter() - t0
         step_time += dt
         line = (f"step={state['step']} loss={sums['loss']:.4f} ce={sums['ce']:.4f} ot={sums['ot']:.4f} ground={sums['ground']:.4f} lr={lr:.2e} "
-                f"grad_norm={float(grad_norm):.3f} tok/s={n_seq * world / dt:.0f} step_s={dt:.3f} "
+                f"grad_norm={grad_norm:.3f} tok/s={n_seq * world / dt:.0f} step_s={dt:.3f} "
                 f"data_wait={(loader.wait_seconds - wait0) / dt:.3f} skipped={len(store.bad)}")
         if "cuda" in device:
             line += f" mfu={flops_per_step(model, n_seq, n_frames, n_audio) * world / dt / args.peak_flops:.4f}"
@@ -140,8 +143,7 @@ def main():
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             checkpoint.save(args.out, model, optimizer, dict(state, args=vars(args)))
         if args.eval_every and state["step"] % args.eval_every == 0:  # every rank captions its share
-            metrics, _ = eval_split(model, ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size), args.eval_n,
-                                    rank=rank, world=world)
+            metrics, _ = eval_split(model, test_store, args.eval_n, rank=rank, world=world)
             log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" step={state['step']}")
         if args.stop_after and state["step"] >= args.stop_after:
             break
@@ -150,14 +152,12 @@ def main():
     log(f"trained {state['step']} steps in {total_time:.1f} s; waiting on data {loader.wait_seconds / max(step_time, 1e-9):.1%} "
         f"of step time; {len(store.bad)} bad clips skipped")
     if not (args.stop_after and state["step"] < args.steps):
-        final_eval(model, test_rows, args, log, rank, world)
+        final_eval(model, test_store, args, log, rank, world)
     teardown(model, log)
 
 
-def final_eval(model, test_rows, args, log, rank=0, world=1):
+def final_eval(model, store, args, log, rank=0, world=1):
     """Held-out metrics (the ranks caption shares of the split), printed and saved by rank 0."""
-    cfg = model.cfg
-    store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
     metrics, texts = eval_split(model, store, args.eval_n, rank=rank, world=world)
     if rank != 0:
         return

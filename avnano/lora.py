@@ -79,6 +79,16 @@ def new_proxy(model):
         m.merged = False
 
 
+def restart(model, r, alpha, dropout=0.0):
+    """Fold every adapter into its base weight and put a fresh rank-r one in its place (a new run that
+    starts from a LoRA-tuned checkpoint: its adapter becomes part of the base, which any rank can extend)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+
+
 @contextmanager
 def disabled(model):
     """Run the base model: adapters contribute nothing inside the block (merged ones are un-merged)."""

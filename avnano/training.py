@@ -136,6 +136,18 @@ def add_lora(model, r, alpha):
         lora.inject(model.decoder, model.cfg.lora_targets, r, alpha, model.cfg.lora_dropout)
 
 
+def policy_lora(model, r, alpha, resume=False):
+    """The adapter DPO / GRPO train, everything else frozen. A new run folds an adapter the checkpoint
+    already has (an SFT run with --lora-r) into the base weights first, so the reference (the model with
+    its adapters off) is the starting policy itself, and the new adapter has the asked rank and alpha.
+    A resumed run keeps its checkpoint's adapter: its base already holds the folded one."""
+    if model.cfg.lora_r and not resume:
+        lora.restart(model.decoder, r, alpha, model.cfg.lora_dropout)
+        model.cfg.lora_r, model.cfg.lora_alpha = r, alpha
+    add_lora(model, r, alpha)
+    model.set_trainable({"lora"})
+
+
 def build_model(args, train_rows, parser):
     """A fresh --preset model with a BPE tokenizer trained on the captions, or --init's checkpoint with the
     loss weights and --lora-r applied; a model flag --init cannot apply is refused by name."""

@@ -148,3 +148,31 @@ def test_a_sampled_av_token_in_a_completion_is_scored_like_any_token():
     assert torch.allclose(lp[0, :3], lp[1, :3], atol=1e-5)  # causal: the tokens before it are unchanged
     with pytest.raises(ValueError, match="no <\\|av\\|> placeholder"):
         assemble(model, blocks[:1], [plain])
+
+
+def test_preference_runs_on_a_lora_checkpoint_take_it_as_their_reference():
+    # DPO / GRPO once kept training an SFT checkpoint's own LoRA, and their reference (adapters off) was then the
+    # model *before* SFT; now the SFT adapter is folded into the base and a fresh adapter of the asked rank starts
+    from tests.test_model import batch, tiny
+    from avnano import lora
+    from avnano.training import policy_lora
+    model = tiny(lora_r=8).eval()
+    with torch.no_grad():
+        for m in lora.adapters(model):
+            m.lora_B.normal_(0, 0.05)  # a trained SFT adapter
+        blocks = model.av_block(*batch())[0]
+        comps = [model.completion_ids("a red circle appears at 0.5 s.")] * len(blocks)
+        sft, _ = model.completion_logprobs(blocks, comps)
+        with lora.disabled(model):
+            pre_sft, _ = model.completion_logprobs(blocks, comps)
+    assert not torch.allclose(sft, pre_sft, atol=1e-4)
+    policy_lora(model, 4, 8.0)
+    with torch.no_grad():
+        policy, _ = model.completion_logprobs(blocks, comps)
+        with lora.disabled(model):
+            ref, _ = model.completion_logprobs(blocks, comps)
+    assert torch.allclose(policy, sft, atol=1e-5) and torch.allclose(ref, sft, atol=1e-5)
+    adapters = lora.adapters(model)
+    assert adapters and all(m.r == 4 and m.scale == 2.0 and not m.lora_B.any() for m in adapters)
+    assert (model.cfg.lora_r, model.cfg.lora_alpha) == (4, 8.0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if "lora_" in n}
