@@ -34,8 +34,12 @@ def load_model(path, device="cpu"):
     raw = read_config(path)
     if "avnano" not in raw:
         raise InputError(os.path.join(path, "config.json"), "not an avnano AV checkpoint (released LLMs load with sample.py --llm)")
+    try:
+        cfg = AVConfig.from_dict(raw["avnano"])
+    except (ValueError, TypeError) as e:  # unknown fields (a newer avnano's checkpoint) or malformed values
+        raise InputError(os.path.join(path, "config.json"), str(e)) from None
     with torch.device("cpu"):  # built on the host whatever the default device, filled, then moved to `device`
-        model = AVCaptioner(AVConfig.from_dict(raw["avnano"]), Tokenizer.from_file(path))
+        model = AVCaptioner(cfg, Tokenizer.from_file(path))
     state = read_safetensors(os.path.join(path, "model.safetensors"))
     load_mapped(model, state, {k: k for k in model.state_dict()}, path)
     return model.to(device).eval()

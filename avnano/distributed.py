@@ -82,9 +82,10 @@ def sync_grads(model, world):
 
 def sum_over_ranks(values, world, device):
     """Sum a list of floats over the ranks, reduced on the model's device (NCCL refuses CPU tensors)."""
+    if world == 1:
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
 
 

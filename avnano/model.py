@@ -187,7 +187,7 @@ class AVCaptioner(nn.Module):
         ids, mask = self.render(caption)
         return [i for i, m in zip(ids, mask) if m]
 
-    def _hidden(self, blocks, ids, loss_masks):
+    def hidden_states(self, blocks, ids, loss_masks=None):
         """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels."""
         x = assemble(self, blocks, ids, loss_masks)
         h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid),
@@ -200,7 +200,7 @@ class AVCaptioner(nn.Module):
         blocks, ot = self.av_block(frames, frame_times, audio)
         g = grounding.loss(self, blocks, ground) if ground is not None and self.cfg.ground_weight > 0 \
             else torch.zeros((), device=self.device)
-        h, x = self._hidden(blocks, ids, loss_mask)
+        h, x = self.hidden_states(blocks, ids, loss_mask)
         sel = x.labels != -100
         logits = self.decoder.logits(h[sel]).float()
         ce = F.cross_entropy(logits, x.labels[sel], label_smoothing=self.cfg.label_smoothing)
@@ -218,7 +218,7 @@ class AVCaptioner(nn.Module):
         prompt_ids = self.render(prompt=prompt)[0]
         ids = [prompt_ids + list(c) for c in completions]
         loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
-        h, x = self._hidden(blocks, ids, loss_masks)
+        h, x = self.hidden_states(blocks, ids, loss_masks)
         sel = x.labels != -100  # row by row, in order: exactly the completion tokens
         logp = torch.log_softmax(self.decoder.logits(h[sel]).float() / temperature, -1).gather(-1, x.labels[sel][:, None])[:, 0]
         lengths = torch.tensor([len(c) for c in completions], device=self.device)

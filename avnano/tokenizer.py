@@ -15,7 +15,6 @@ world's BPE) gets ChatML without a system prompt; any other is used without a te
 completion ends with <|im_end|> whatever eos_token the config names (base Qwen2.5 / SmolLM2 name
 <|endoftext|>); generation stops at either.
 """
-import json
 import os
 import re
 
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import InputError
+from .weights import read_config, write_json_atomic
 
 IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 AV = "<|av|>"  # placeholder the AV model replaces with the interleaved audio-visual token block
@@ -33,17 +33,14 @@ SPECIALS = [EOT, IM_START, IM_END, "<|pad|>", AV]
 DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>""")
 
 
-def read_chat_template(folder):
-    """(template text, file it came from): tokenizer_config.json's "chat_template" (a string, or a list of
-    named templates: "default"), else chat_template.jinja; (None, None) when there is none."""
-    config = os.path.join(folder, "tokenizer_config.json")
-    if os.path.exists(config):
-        with open(config) as f:
-            t = json.load(f).get("chat_template")
-        if isinstance(t, list):
-            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-        if t:
-            return t, config
+def read_chat_template(folder, config):
+    """(template text, file it came from): the tokenizer_config.json's (dict `config`) "chat_template" (a
+    string, or a list of named templates: "default"), else chat_template.jinja; (None, None) when none."""
+    t = config.get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    if t:
+        return t, os.path.join(folder, "tokenizer_config.json")
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as f:
@@ -77,15 +74,14 @@ class Tokenizer:
         """A tokenizer.json, or a directory holding one (its tokenizer_config.json may name the eos and
         carry the chat template)."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no tokenizer.json")
-        eos = None
-        config = os.path.join(os.path.dirname(file), "tokenizer_config.json")
-        if os.path.exists(config):
-            with open(config) as f:
-                eos = json.load(f).get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-        template, source = read_chat_template(os.path.dirname(file))
+        if not os.path.isfile(file):
+            raise InputError(file, "no tokenizer.json")
+        folder = os.path.dirname(file)
+        config_file = os.path.join(folder, "tokenizer_config.json")
+        config = read_config(config_file) if os.path.exists(config_file) else {}
+        eos = config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        template, source = read_chat_template(folder, config)
         return cls(HFTokenizer.from_file(file), eos, template, source)
 
     @classmethod
@@ -105,8 +101,7 @@ class Tokenizer:
         config = {"eos_token": self.eos_token}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template  # a checkpoint renders as its LLM did
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f)
+        write_json_atomic(config, os.path.join(path, "tokenizer_config.json"))
 
     @property
     def vocab_size(self):

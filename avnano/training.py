@@ -6,7 +6,6 @@ linear warm-up and cosine decay, the model from a preset, from three released to
 and autocast live in distributed.py.
 """
 import argparse
-import json
 import math
 import os
 from dataclasses import replace
@@ -15,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, lora, toyworld
+from .data import read_manifest
 from .errors import InputError
 from .model import PRESETS, AVCaptioner, preset
 from .tokenizer import Tokenizer
-from .weights import read_config
 
 # Flags that name an AVConfig field. --init keeps the checkpoint's architecture (a different value is
 # refused by name); the loss weights are this run's objective, so --init applies them.
@@ -113,8 +112,7 @@ def ensure_toy_world(args, rank):
     """Build the toy world under the default --data directory on first use; refuse one made by other code."""
     manifest = os.path.join(args.data, "train.jsonl")
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            first = json.loads(f.readline())
+        first = (read_manifest(manifest) or [{}])[0]  # a malformed row is named by read_manifest
         if "events" in first and first.get("world") != toyworld.VERSION:  # a toy world made by other code
             raise InputError(manifest, f"toy world version {first.get('world', 1)}, this avnano makes version "
                              f"{toyworld.VERSION} (rendering or caption grammar changed); delete {args.data} to rebuild it")
@@ -159,10 +157,10 @@ def build_model(args, train_rows, parser):
         cfg = preset(args.preset, tok.vocab_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                      **{k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS if getattr(args, k) is not None})
         if args.merge:
-            if cfg.vit.grid % args.merge:
-                parser.error(f"--merge {args.merge} does not divide the {args.preset} preset's {cfg.vit.grid} x "
-                             f"{cfg.vit.grid} patch grid")
-            cfg = replace(cfg, vit=replace(cfg.vit, merge=args.merge))
+            try:
+                cfg = replace(cfg, vit=replace(cfg.vit, merge=args.merge))
+            except ValueError as e:
+                parser.error(f"--{e} of the {args.preset} preset")
         return AVCaptioner(cfg, tok)
     model = checkpoint.load_model(args.init)
     cfg, ref = model.cfg, preset(args.preset, model.cfg.decoder.vocab_size)
@@ -198,12 +196,7 @@ def released_model(args):
                          f"({', '.join(missing)} missing)")
     if not given:
         return None
-    vit = read_config(args.vit)
-    v = vit.get("vision_config", vit)
-    grid, merge = v.get("image_size", 0) // max(1, v.get("patch_size", 1)), args.merge or 2
-    if grid % merge:
-        raise InputError(os.path.join(args.vit, "config.json"), f"--merge {merge} does not divide the {grid} x {grid} "
-                         f"patch grid (choose one of {[m for m in range(1, grid + 1) if grid % m == 0]})")
+    merge = args.merge or 2  # SigLIP-B/16 at 224 px: 49 tokens per frame
     overrides = {k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS if getattr(args, k) is not None}
     model = checkpoint.released_captioner(args.vit, args.audio, args.llm, merge=merge, lora_r=args.lora_r,
                                           lora_alpha=args.lora_alpha, **overrides)

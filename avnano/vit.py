@@ -43,6 +43,9 @@ class ViTConfig:
     def __post_init__(self):
         assert self.family in ("siglip", "clip"), f"unknown ViT family {self.family!r}"
         assert self.merge_mode in ("concat", "mean", "max"), f"unknown merge mode {self.merge_mode!r} (concat, mean, max)"
+        if self.grid % self.merge:
+            raise ValueError(f"merge {self.merge} does not divide the {self.grid} x {self.grid} patch grid "
+                             f"(choose one of {[m for m in range(1, self.grid + 1) if self.grid % m == 0]})")
 
     @property
     def eps(self):

@@ -122,7 +122,7 @@ def _rope(hf, source):
         return float(theta), 1.0
     if kind == "linear":
         return float(theta), float(factor)
-    raise ValueError(f"{source}: rope type '{kind}' is not supported (avnano implements 'default' and 'linear'); "
+    raise InputError(source, f"rope type '{kind}' is not supported (avnano implements 'default' and 'linear'); "
                      "refusing rather than silently computing different positions")
 
 
@@ -133,7 +133,7 @@ REQUIRED_LLM_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_at
 def decoder_config_from_hf(hf, source="config.json"):
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{source}: architecture {arch} is not supported (expected one of {SUPPORTED_ARCHS})")
+        raise InputError(source, f"architecture {arch} is not supported (expected one of {SUPPORTED_ARCHS})")
     theta, factor = _rope(hf, source)
     if missing := [k for k in REQUIRED_LLM_FIELDS if k not in hf]:
         raise InputError(source, f"missing {', '.join(missing)} (required in a {arch} config)")
@@ -218,14 +218,17 @@ def vit_config_from_hf(hf, source="config.json", merge=1):
     from .vit import ViTConfig
     family = "siglip" if hf.get("model_type", "").startswith("siglip") else "clip" if hf.get("model_type", "").startswith("clip") else None
     if family is None:
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is neither a SigLIP nor a CLIP vision model")
+        raise InputError(source, f"model_type {hf.get('model_type')!r} is neither a SigLIP nor a CLIP vision model")
     v = hf.get("vision_config", hf)
     act = v.get("hidden_act", VIT_ACT[family])
     if act != VIT_ACT[family]:
-        raise ValueError(f"{source}: hidden_act {act!r} differs from {family}'s {VIT_ACT[family]!r}; not supported")
-    return ViTConfig(family=family, image_size=v["image_size"], patch_size=v["patch_size"], dim=v["hidden_size"],
-                     n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"], hidden_dim=v["intermediate_size"],
-                     map_head=family == "siglip" and v.get("vision_use_head", True), merge=merge)
+        raise InputError(source, f"hidden_act {act!r} differs from {family}'s {VIT_ACT[family]!r}; not supported")
+    try:
+        return ViTConfig(family=family, image_size=v["image_size"], patch_size=v["patch_size"], dim=v["hidden_size"],
+                         n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"], hidden_dim=v["intermediate_size"],
+                         map_head=family == "siglip" and v.get("vision_use_head", True), merge=merge)
+    except ValueError as e:  # e.g. a merge that does not divide the patch grid
+        raise InputError(source, str(e)) from None
 
 
 def vit_keymap(cfg, prefix=""):
@@ -270,7 +273,7 @@ WHISPER_DECODER_PREFIXES = ("model.decoder.", "decoder.", "proj_out.")
 def audio_config_from_hf(hf, source="config.json", exact=True):
     from .audio import AudioConfig
     if hf.get("model_type") != "whisper":
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a Whisper model")
+        raise InputError(source, f"model_type {hf.get('model_type')!r} is not a Whisper model")
     return AudioConfig(n_mels=hf["num_mel_bins"], dim=hf["d_model"], n_layers=hf["encoder_layers"],
                        n_heads=hf["encoder_attention_heads"], hidden_dim=hf["encoder_ffn_dim"],
                        max_positions=hf["max_source_positions"], exact=exact)

@@ -209,7 +209,7 @@ def test_released_flags_are_all_or_none_and_init_keeps_its_towers(released):
     vit, audio, llm = (str(released / d) for d in ("vit", "whisper", "llm"))
     with pytest.raises(InputError, match="--audio missing"):
         training.build_model(p.parse_args(["--vit", vit, "--llm", llm]), [], p)
-    with pytest.raises(InputError, match="--merge 3 does not divide the 4 x 4 patch grid"):
+    with pytest.raises(InputError, match="merge 3 does not divide the 4 x 4 patch grid"):
         training.build_model(p.parse_args(["--vit", vit, "--audio", audio, "--llm", llm, "--merge", "3"]), [], p)
     with pytest.raises(InputError, match="cannot also load --vit"):
         training.build_model(p.parse_args(["--init", "out/x", "--vit", vit, "--audio", audio, "--llm", llm]), [], p)

@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from avnano.data import ClipStore, read_splits  # noqa: E402
 from avnano.checkpoint import load_model  # noqa: E402
 from avnano.errors import run_main  # noqa: E402
-from avnano.layout import assemble, attention_mask  # noqa: E402
 from avnano.grammar import COLOURS, SHAPES, SOUNDS, WORDS  # noqa: E402
 
 CLASSES = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, **{w: "spoken word" for w in WORDS},
@@ -45,9 +44,8 @@ def ce_by_class(model, store, n):
     for idx, clips in batches(store, n):
         ids, masks = zip(*(model.render(store.rows[i]["caption"]) for i in idx))
         blocks, _ = model.av_block(*zip(*clips))
-        x = assemble(model, blocks, ids, masks)
-        labels = x.labels
-        logits = model.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(model.cfg.mask, x.is_av, x.valid))
+        h, x = model.hidden_states(blocks, ids, masks)
+        labels, logits = x.labels, model.decoder.logits(h)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
         for b, t in (labels != -100).nonzero().tolist():
             word = model.tok.decode([int(labels[b, t])]).strip()

@@ -16,7 +16,6 @@ A failed check is reported in its row and the others still run; the exit status 
 captions, and --compile is exercised without Inductor (TORCHDYNAMO_DISABLE=1 in the script, the "eager" backend in-process).
 """
 import argparse
-import contextlib
 import os
 import re
 import statistics
@@ -112,22 +111,17 @@ def released_shape(args, tok):
 
 
 # ----------------------------------------------------------------------------------- library checks
-def batch(store, n):
-    """(frames, times, audio, captions) of a ClipStore's first n clips."""
-    items = [store.get(i) for i in range(n)]
-    return [i[0] for i in items], [i[1] for i in items], [i[2] for i in items], [r["caption"] for r in store.rows[:n]]
-
-
-def loss_of(model, clips, ctx):
-    frames, times, audio, captions = clips
-    ids, masks = zip(*(model.render(c) for c in captions))
-    with torch.no_grad(), ctx:
-        return model(frames, times, audio, ids, masks)["ce"].float().item()
-
-
-def bf16(device):
-    """The autocast train_sft.py and evaluation use on CUDA (bf16); the dry run's CPU stand-in is CPU bf16 autocast."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+def scored(model, store, n, new_tokens, cpu_bf16=False):
+    """(held-out CE, greedy captions) of a store's first n clips through evaluate.py, under the autocast every
+    script uses (bf16 on CUDA; the dry run's stand-in is CPU bf16: distributed.CPU_BF16)."""
+    from avnano import distributed
+    from avnano.evaluate import caption_clips, heldout_ce
+    distributed.CPU_BF16 = cpu_bf16
+    try:
+        indices = list(range(n))
+        return heldout_ce(model, store, indices), caption_clips(model, store, indices, progress=False, max_new_tokens=new_tokens)
+    finally:
+        distributed.CPU_BF16 = False
 
 
 def parity(args, ckpt, test_rows):
@@ -137,15 +131,9 @@ def parity(args, ckpt, test_rows):
     new_tokens = 24 if args.dry_run else 160
     model = load_model(ckpt, "cpu")
     store = ClipStore(test_rows[:8], model.cfg.fps, model.cfg.max_frames, model.cfg.vit.image_size)
-    clips = batch(store, min(8, len(test_rows)))
-    cpu_loss = loss_of(model, clips, contextlib.nullcontext())
-    with torch.no_grad():
-        cpu_caps = model.generate(*clips[:3], max_new_tokens=new_tokens)
-    dev = "cpu" if args.dry_run else args.device
-    model.to(dev)
-    dev_loss = loss_of(model, clips, bf16(dev))
-    with torch.no_grad(), bf16(dev):
-        dev_caps = model.generate(*clips[:3], max_new_tokens=new_tokens)
+    n = min(8, len(test_rows))
+    cpu_loss, cpu_caps = scored(model, store, n, new_tokens)
+    dev_loss, dev_caps = scored(model.to("cpu" if args.dry_run else args.device), store, n, new_tokens, cpu_bf16=args.dry_run)
     same = sum(a == b for a, b in zip(cpu_caps, dev_caps))
     where = "CPU bf16 (dry run)" if args.dry_run else "CUDA bf16"
     diff = next((f"; first difference: CPU '{a[:60]}' vs '{b[:60]}'" for a, b in zip(cpu_caps, dev_caps) if a != b), "")
@@ -158,13 +146,13 @@ def compile_round_trip(args, ckpt, test_rows):
     compiles with the "eager" backend: dynamo's tracing without Inductor's minutes of CPU code generation)."""
     from avnano.checkpoint import load_model
     from avnano.data import ClipStore
-    ctx = contextlib.nullcontext if args.dry_run else (lambda: bf16(args.device))
+    from avnano.evaluate import heldout_ce
     model = load_model(ckpt, args.device)  # raises naming any key that does not match (e.g. decoder._orig_mod.*)
     store = ClipStore(test_rows[:4], model.cfg.fps, model.cfg.max_frames, model.cfg.vit.image_size)
-    clips = batch(store, min(4, len(test_rows)))
-    eager = loss_of(model, clips, ctx())
+    indices = list(range(min(4, len(test_rows))))
+    eager = heldout_ce(model, store, indices)
     model.decoder.compile(**({"backend": "eager"} if args.dry_run else {}))
-    compiled = loss_of(model, clips, ctx())
+    compiled = heldout_ce(model, store, indices)
     return f"checkpoint keys all matched; loss eager {eager:.4f}, compiled {compiled:.4f}, abs delta {abs(eager - compiled):.2e}"
 
 

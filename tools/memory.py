@@ -64,11 +64,12 @@ def build(shape, merge):
 
 def params(model):
     """Millions of parameters per part (the decoder's without its LoRA)."""
+    from avnano import lora
     groups = model.param_groups()
     out = {}
     for name, p in model.named_parameters():
         out[groups[name]] = out.get(groups[name], 0) + p.numel()
-    out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out["trainable"] = lora.count_trainable(model)[0]
     return {k: v / 1e6 for k, v in out.items()}
 
 
