@@ -180,8 +180,8 @@ def main():
     model = checkpoint.load_model(path, device=device)
     policy_lora(model, args.lora_r, args.lora_alpha, args.resume)
     start = 0
-    if args.resume:  # the optimizer holds exactly the LoRA parameters the checkpoint's optimizer had
-        start = checkpoint.load_state(path, make_optimizer(model, args.lr, args.weight_decay))["round"]
+    if args.resume:  # rounds restart their optimizer: only the RNG and the round count carry over
+        start = checkpoint.load_state(path)["round"]
         log(f"resumed after round {start}")
     cfg = model.cfg
     store, test_store = (ClipStore(r, cfg.fps, cfg.max_frames, cfg.vit.image_size) for r in (rows, test_rows))

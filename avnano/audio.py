@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import masks
 from .transformer import EncoderBlock, run_block
 
 SAMPLE_RATE = 16000
@@ -69,13 +70,17 @@ def _filters(n_mels, device):
 
 def log_mel(audio, n_mels=80, exact=True, seconds=CHUNK_SECONDS):
     """audio: float (samples,) or (B, samples) at 16 kHz -> (B, n_mels, frames).
-    exact=True pads / trims to `seconds` first (Whisper: 30 s, 3000 frames); else frames = samples // HOP."""
+    exact=True pads / trims to `seconds` first (Whisper: 30 s, 3000 frames); else frames = samples // HOP, with
+    audio shorter than one window (25 ms: the tail segment of a long clip, say) zero-padded to it (2 frames), as
+    the STFT's reflect padding needs more samples than half a window."""
     audio = torch.as_tensor(audio, dtype=torch.float32, device=audio.device if torch.is_tensor(audio) else "cpu")
     if audio.dim() == 1:
         audio = audio[None]
     if exact:
         n = int(seconds * SAMPLE_RATE)
         audio = F.pad(audio, (0, max(0, n - audio.shape[-1])))[:, :n]
+    elif audio.shape[-1] < N_FFT:
+        audio = F.pad(audio, (0, N_FFT - audio.shape[-1]))
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP, window=window, return_complex=True)  # centre + reflect padding
     power = torch.view_as_real(stft[..., :-1]).pow(2).sum(-1)  # |X|^2 without a square root
@@ -136,10 +141,11 @@ class AudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-5)
         self.grad_checkpointing = False  # recompute each block in the backward (memory for compute)
 
-    def forward(self, mel, mask=None, lengths=None):
-        """mel (B, n_mels, frames) -> (B, cfg.n_tokens(frames), dim). For a padded batch, mask: the key mask
-        of the blocks; lengths: each row's real mel frames, so that its conv stem and pooling see zeros and
-        nothing else past its end, exactly as when the row is encoded alone."""
+    def forward(self, mel, lengths=None):
+        """mel (B, n_mels, frames) -> (B, cfg.n_tokens(frames), dim). lengths: each row's real mel frames in a
+        padded batch; the conv stem, the pooling and the attention then see nothing past a row's end, exactly
+        as when the row is encoded alone (None: every frame is real, e.g. Whisper's 30 s padding)."""
+        mask = None
         x = F.gelu(self.conv1(mel))
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=x.device)
@@ -148,6 +154,9 @@ class AudioEncoder(nn.Module):
         if lengths is not None:
             real = _before((lengths + 1) // 2, x)  # the stride-2 conv
             x = x * real
+            tokens = ((lengths + 1) // 2 + self.cfg.pool - 1) // self.cfg.pool  # cfg.n_tokens, per row
+            valid = torch.arange(-(-x.shape[-1] // self.cfg.pool), device=x.device)[None] < tokens.clamp(min=1)[:, None]
+            mask = masks.for_sdpa(masks.key_padding(valid).expand(-1, valid.shape[1], -1))
         if self.cfg.pool > 1:
             x = F.avg_pool1d(x, self.cfg.pool, ceil_mode=True)
             if lengths is not None:  # a partial last window averages its real tokens only

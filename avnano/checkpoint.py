@@ -89,10 +89,16 @@ def resume_path(path):
     raise InputError(path, "no complete checkpoint to resume from")
 
 
-def load_state(path, optimizer):
-    """Restore optimizer + RNG from a checkpoint directory; returns the saved state dict."""
+def load_state(path, optimizer=None):
+    """Restore the RNG and the optimizer (unless None: a run that makes a fresh one, as DPO per round) from a
+    checkpoint directory; returns the saved state dict."""
     state = read_config(os.path.join(path, "train_state.json"))
     tensors = read_safetensors(os.path.join(path, "optimizer.safetensors"))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if optimizer is None:
+        return state
     opt_state = {}
     for key, v in tensors.items():
         if key.startswith("state."):
@@ -102,7 +108,4 @@ def load_state(path, optimizer):
         pid, name = key.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state

@@ -105,8 +105,11 @@ class Loader:
             raise ValueError(f"{len(store.rows)} clips cannot fill one batch of {batch_size} x {world} ranks")
 
     def _produce(self, q, epoch, batch, stop):
+        order = {}  # epoch -> its batches (one permutation per epoch, not one per batch)
         while not stop.is_set():
-            idx = batch_indices(len(self.store.rows), self.batch_size, self.seed, epoch, self.rank, self.world)[batch]
+            if epoch not in order:
+                order = {epoch: batch_indices(len(self.store.rows), self.batch_size, self.seed, epoch, self.rank, self.world)}
+            idx = order[epoch][batch]
             items = []
             for i in idx:
                 got = self.store.get(i)

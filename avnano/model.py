@@ -147,11 +147,8 @@ class AVCaptioner(nn.Module):
         lengths = [max(1, acfg.n_tokens(len(w) // HOP)) for _, _, w in pieces]  # encoder tokens of real audio
         T = max(m.shape[-1] for m in mels)
         mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
-        n_tok = acfg.n_tokens(T)
-        valid = torch.arange(n_tok, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
-        # native mode masks the batch padding; exact mode attends over its 30 s padding as Whisper was trained
-        key_mask = None if acfg.exact else masks.for_sdpa(masks.key_padding(valid).expand(-1, n_tok, -1))
-        hidden = self.audio(mel, key_mask, lengths=[m.shape[-1] for m in mels])  # the padding stays invisible
+        # native mode hides the batch padding from every clip; exact mode attends over its 30 s as Whisper was trained
+        hidden = self.audio(mel, None if acfg.exact else [m.shape[-1] for m in mels])
         out = [[] for _ in audio_list]
         for (c, s, _), h, n in zip(pieces, hidden, lengths):
             tokens, times = self.audio_aligner(h[:n])

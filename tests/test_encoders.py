@@ -174,21 +174,29 @@ def test_audio_pool_averages_stem_tokens():
 
 
 def test_audio_rows_encode_the_same_alone_or_padded_in_a_batch():
-    """With `lengths`, a padded row's conv stem and partial pooling window see only its own frames."""
-    from avnano import masks
+    """With `lengths`, a padded row's conv stem, partial pooling window and attention see only its own frames."""
     torch.manual_seed(0)
     enc = AudioEncoder(AudioConfig(n_mels=80, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_positions=40, pool=5)).eval()
     mel = torch.randn(2, 80, 200)
     frames = [137, 200]  # 69 stem tokens -> 14 pooled, the last window partial; 100 -> 20
     n = [enc.cfg.n_tokens(f) for f in frames]
-    valid = torch.arange(20)[None] < torch.tensor(n)[:, None]
-    key_mask = masks.for_sdpa(masks.key_padding(valid).expand(-1, 20, -1))
     mel[0, :, frames[0]:] = 0  # the batch's padding
     with torch.no_grad():
-        batched = enc(mel, key_mask, lengths=torch.tensor(frames))
+        batched = enc(mel, lengths=torch.tensor(frames))
         alone = enc(mel[:1, :, :frames[0]])[0]
         full = enc(mel[1:])[0]
-        careless = enc(mel, key_mask)  # without lengths the padding leaks into the stem and the pooling
+        careless = enc(mel)  # without lengths the padding leaks into the stem, the pooling and the attention
     assert n == [14, 20] and alone.shape == (14, 16)
     assert torch.allclose(batched[0, :14], alone, atol=1e-5) and torch.allclose(batched[1], full, atol=1e-5)
     assert not torch.allclose(careless[0, :14], alone, atol=1e-3)
+
+
+def test_a_tail_shorter_than_one_stft_window_still_encodes():
+    # a clip a few ms longer than the encoder's t_max left a tail segment the STFT's reflect padding refused
+    from avnano.audio import log_mel
+    assert log_mel(torch.zeros(100), 80, exact=False).shape == (1, 80, 2)
+    from tests.test_model import tiny
+    model = tiny()
+    model.cfg.audio.max_positions = round(model.cfg.audio.tokens_per_second)  # t_max = 1 s
+    (tokens, times), = model.encode_audio([torch.randn(16000 + 100)])  # 1 s + 6 ms
+    assert len(tokens) == 3 and times.tolist() == [0.0, 0.5, 1.0]  # two 0.5 s windows, then the tail's one
