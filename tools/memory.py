@@ -8,7 +8,9 @@ and head are real; the text comes from a small BPE), stage "sft": towers frozen,
 fp32, Whisper in its released 30 s mode (train_sft.py --audio's). Each measurement is one forward + backward in
 a fresh subprocess: its peak resident memory (VmHWM, reset through /proc/self/clear_refs once the model is
 built and the batch made) minus the resident memory at that moment (weights, batch, runtime) is the
-activation peak. The frozen towers keep no activations for the backward, and CPU sdpa with a mask runs the
+activation peak; next to it, the bytes autograd keeps for the backward (saved-tensor hooks, weights
+excluded): the part gradient checkpointing cuts (the rest of the peak is transient, e.g. the frozen
+Whisper encoder's 30 s forward). The frozen towers keep no activations for the backward, and CPU sdpa with a mask runs the
 flash kernel (memory linear in the sequence), so the activation peak is linear in the batch's decoder tokens:
 the script measures short clips (few frames, 8 s of audio) and fits a + b * tokens per shape and checkpointing
 setting, then evaluates the fit at 16-frame clips. The GPU figure is an estimate: fp32 frozen weights
@@ -90,12 +92,22 @@ def measure(shape, merge, batch, frames, ckpt):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
     before, t0 = rss_mb("VmRSS:"), time.perf_counter()
-    out = model(*zip(*clips), ids, masks)
+    weight_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}  # storage -> bytes of every activation autograd keeps for the backward (weights excluded)
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weight_storages:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*zip(*clips), ids, masks)
     out["loss"].backward()
     seconds = time.perf_counter() - t0
     text = len(ids[0]) - 1  # the <|av|> placeholder is replaced by the AV block
     n_audio = out["n_seq"] // batch - frames * model.cfg.vit.tokens_per_frame - text
     return dict(params=params(model), weights_mb=weights, act_mb=rss_mb("VmHWM:") - before, seconds=seconds,
+                saved_mb=sum(kept.values()) / 2 ** 20,
                 tokens=out["n_seq"], visual_per_frame=model.cfg.vit.tokens_per_frame, audio=n_audio,
                 text=text)
 
@@ -177,14 +189,16 @@ def main():
 
     print("\nMeasured points (fresh process each; activations = VmHWM after forward + backward minus VmRSS before):\n")
     print("| shape | frames | merge | grad ckpt | batch | decoder tokens | weights + runtime (MB) | activations (MB) | "
-          "fit (MB) | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "fit (MB) | kept for backward (MB) | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in raw:
         a, b = fits.get((r["shape"], r["ckpt"]), (float("nan"), float("nan")))
         print(f"| {r['shape']} | {r['frames']} | {r['merge']} | {'on' if r['ckpt'] else 'off'} | {r['batch']} | {r['tokens']} | "
-              f"{r['weights_mb']:.0f} | {r['act_mb']:.0f} | {a + b * r['tokens']:.0f} | {r['seconds']:.1f} |")
+              f"{r['weights_mb']:.0f} | {r['act_mb']:.0f} | {a + b * r['tokens']:.0f} | {r['saved_mb']:.0f} | {r['seconds']:.1f} |")
     for (shape, ckpt), (a, b) in fits.items():
-        print(f"\nfit {shape} ckpt={'on' if ckpt else 'off'}: activations = {a:.0f} MB + {b:.3f} MB per decoder token", end="")
+        ka, kb = fit([(r["tokens"], r["saved_mb"]) for r in raw if r["shape"] == shape and r["ckpt"] == ckpt])
+        print(f"\nfit {shape} ckpt={'on' if ckpt else 'off'}: activations = {a:.0f} MB + {b:.3f} MB per decoder token; "
+              f"kept for backward = {ka:.0f} MB + {kb:.3f} MB per token", end="")
     print(f"\n\nwall time {wall:.0f} s")
 
 
