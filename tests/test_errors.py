@@ -1,53 +1,47 @@
-"""Bad input gives one line naming the file and the problem, and exit status 2, not a traceback:
-media, avnano and released checkpoints, configs and manifest rows, through the real scripts."""
+"""Bad input gives one line naming the file and the problem, and exit status 2, not a traceback: media, avnano and
+released checkpoints, configs and manifest rows; each script path once end to end as a subprocess, the rest in-process."""
 import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import sample
 from avnano.checkpoint import save_model
 from avnano.data import ClipStore, read_manifest
 from avnano.errors import InputError, run_main
 from avnano.media import MediaError, load_clip, write_clip
-from avnano.model import AVCaptioner, preset
-from avnano.tokenizer import Tokenizer
 from avnano.weights import read_config, read_safetensors
+from tests.helpers import one_error, run_in_process, run_script
+from tests.test_media import frames, tone
+from tests.test_model import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLM_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
               "num_attention_heads": 2, "intermediate_size": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
-def run(*argv):
-    """A script in a subprocess -> (exit status, its one stderr line, or all of stderr if it printed more)."""
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    lines = r.stderr.strip().splitlines()
-    return r.returncode, lines[0] if len(lines) == 1 else r.stderr
-
-
-def clip_bytes(tmp):
-    path = str(tmp / "good.mp4")
-    frames = (np.random.default_rng(0).random((20, 32, 32, 3)) * 255).astype(np.uint8)
-    write_clip(path, frames, fps=10, audio=0.1 * np.sin(np.arange(32000) / 10.0))
-    with open(path, "rb") as f:
-        return f.read()
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """refused(script, *argv, cli=False) -> the one stderr line of a run that exits with status 2: sample.py's main
+    in-process, or (cli=True) the script in a subprocess, end to end."""
+    def run(script, *argv, cli=False):
+        if cli:
+            return one_error(run_script(script, *argv, status=2, timeout=120).stderr.splitlines())
+        assert script == "sample.py"
+        return one_error(run_in_process(monkeypatch, capsys, sample.main, *argv, status=2)[1])
+    return run
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny saved avnano checkpoint, a good clip and the bad media files."""
+    """A tiny saved avnano checkpoint, a good clip (2 s, 10 fps, with sound) and the bad media files."""
     tmp = tmp_path_factory.mktemp("errors")
-    torch.manual_seed(0)
-    tok = Tokenizer.train(["a red circle appears at 0.5 s."] * 10 + ["Describe the clip."] * 5, vocab_size=300)
-    save_model(AVCaptioner(preset("tiny", tok.vocab_size), tok), str(tmp / "ckpt"))
-    good = clip_bytes(tmp)
+    save_model(tiny(), str(tmp / "ckpt"))
+    write_clip(str(tmp / "good.mp4"), frames(20, 32, 32), fps=10, audio=tone(2.0))
+    good = (tmp / "good.mp4").read_bytes()
     (tmp / "empty.mp4").write_bytes(b"")
     (tmp / "notes.mp4").write_text("this is not a video\n" * 50)
     (tmp / "cut.mp4").write_bytes(good[:len(good) // 2])  # PyAV writes the mp4 index last: the cut loses it
@@ -60,56 +54,54 @@ def files(tmp_path_factory):
     ("cut.mp4", "truncated or corrupt MP4/MOV file ("),  # then FFmpeg's reason, which depends on the cut
     ("missing.mp4", "no such file"),
 ])
-def test_sample_names_a_bad_video(files, name, problem):
+def test_sample_names_a_bad_video(files, refused, name, problem):
     video = str(files / name)
-    status, line = run("sample.py", "--ckpt", str(files / "ckpt"), "--video", video, "--device", "cpu")
-    assert status == 2 and line.startswith(f"error: {video}: {problem}")
+    line = refused("sample.py", "--ckpt", files / "ckpt", "--video", video, "--device", "cpu", cli=name == "empty.mp4")
+    assert line.startswith(f"error: {video}: {problem}")
 
 
-def test_sample_names_a_truncated_or_malformed_checkpoint(files, tmp_path):
+def test_sample_names_a_truncated_or_malformed_checkpoint(files, refused, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     shutil.copytree(files / "ckpt", ckpt)
     weights = os.path.join(ckpt, "model.safetensors")
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
     video = str(files / "notes.mp4")  # never reached: the checkpoint is read first
-    status, line = run("sample.py", "--ckpt", ckpt, "--video", video, "--device", "cpu")
-    assert status == 2
+    line = refused("sample.py", "--ckpt", ckpt, "--video", video, "--device", "cpu")
     assert line == f"error: {weights}: truncated or corrupt safetensors file (incomplete metadata, file not fully covered)"
     config = os.path.join(ckpt, "config.json")
     with open(config, "w") as f:
         f.write('{"avnano": {"fps": 2.0,}}')
-    status, line = run("sample.py", "--ckpt", ckpt, "--video", video, "--device", "cpu")
-    assert status == 2 and line == f"error: {config}: malformed JSON (Expecting property name enclosed in " \
-                                   f"double quotes at line 1 column 24)"
+    line = refused("sample.py", "--ckpt", ckpt, "--video", video, "--device", "cpu")
+    assert line == f"error: {config}: malformed JSON (Expecting property name enclosed in double quotes at line 1 column 24)"
 
 
-def test_sample_llm_names_a_bad_released_checkpoint(tmp_path):
+def test_sample_llm_names_a_bad_released_checkpoint(refused, tmp_path):
     llm = tmp_path / "llm"
     llm.mkdir()
     (llm / "config.json").write_text(json.dumps(LLM_CONFIG)[:-1])  # the closing brace lost
-    status, line = run("sample.py", "--llm", str(llm), "--prompt", "hi", "--device", "cpu")
-    assert status == 2 and line.startswith(f"error: {llm / 'config.json'}: malformed JSON (")
+    line = refused("sample.py", "--llm", llm, "--prompt", "hi", "--device", "cpu", cli=True)
+    assert line.startswith(f"error: {llm / 'config.json'}: malformed JSON (")
     (llm / "config.json").write_text(json.dumps(LLM_CONFIG))
     with open(llm / "pytorch_model.bin", "wb") as f:
         pickle.dump({"model.norm.weight": [1.0] * 16}, f)
-    status, line = run("sample.py", "--llm", str(llm), "--prompt", "hi", "--device", "cpu")
-    assert status == 2 and line.startswith(f"error: {llm}: only pickle weights found (pytorch_model.bin). "
-                                           "avnano reads safetensors only")
+    line = refused("sample.py", "--llm", llm, "--prompt", "hi", "--device", "cpu")
+    assert line.startswith(f"error: {llm}: only pickle weights found (pytorch_model.bin). avnano reads safetensors only")
     save_file({"model.norm.weight": torch.ones(16), "model.embed_tokens.weight": torch.zeros(64, 16)},
               str(llm / "model.safetensors"))
     with open(llm / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    status, line = run("sample.py", "--llm", str(llm), "--prompt", "hi", "--device", "cpu")
-    assert status == 2 and line.startswith(f"error: {llm / 'model.safetensors'}: truncated or corrupt safetensors file (")
+    line = refused("sample.py", "--llm", llm, "--prompt", "hi", "--device", "cpu")
+    assert line.startswith(f"error: {llm / 'model.safetensors'}: truncated or corrupt safetensors file (")
 
 
-def test_train_names_a_malformed_manifest_row(tmp_path):
+def test_train_names_a_malformed_manifest_row(refused, tmp_path):
     row = {"video": "clips/a.mp4", "caption": "a knock at 1.0 s."}
     (tmp_path / "test.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n\n" + json.dumps({"video": "clips/b.mp4"}) + "\n")
-    status, line = run("train_sft.py", "--data", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "out"))
-    assert status == 2 and line == f'error: {tmp_path / "train.jsonl"}:3: missing "caption" (a string)'
+    line = refused("train_sft.py", "--data", tmp_path, "--steps", 1, "--out", tmp_path / "out", cli=True)
+    assert line == f'error: {tmp_path / "train.jsonl"}:3: missing "caption" (a string)'
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_manifest_rows_are_checked_and_resolved(tmp_path):
@@ -163,13 +155,12 @@ def test_weights_readers_name_the_bad_file(tmp_path):
         read_config(str(shards))
 
 
-def test_media_errors_are_input_errors_and_bad_clips_are_skipped(files, tmp_path, capsys):
+def test_media_errors_are_input_errors_and_bad_clips_are_skipped(files, capsys):
     assert issubclass(MediaError, InputError)
-    write_clip(str(tmp_path / "good.mp4"), np.zeros((4, 32, 32, 3), np.uint8), fps=4)
-    rows = [{"path": str(files / "notes.mp4")}, {"path": str(tmp_path / "good.mp4")}]
+    rows = [{"path": str(files / "notes.mp4")}, {"path": str(files / "good.mp4")}]
     store = ClipStore(rows, fps=2.0, max_frames=4, image_size=32)
     assert store.get(0) is None and store.get(0) is None  # reported once, then remembered
-    assert store.get(1)[0].shape == (2, 32, 32, 3)
+    assert store.get(1)[0].shape == (4, 32, 32, 3)  # 2 s at 2 fps
     assert list(store.bad) == [0] and "notes.mp4: not a readable media file" in store.bad[0]
     assert capsys.readouterr().err.count("skipping bad clip") == 1
 
@@ -191,8 +182,7 @@ def test_run_main_prints_one_line_and_exits_2(capsys):
 def test_truncated_index_first_file_decodes_partially(tmp_path):
     """The documented behaviour: a cut Matroska file keeps the frames before the cut."""
     path = tmp_path / "clip.mkv"
-    frames = (np.random.default_rng(0).random((40, 32, 32, 3)) * 255).astype(np.uint8)
-    write_clip(str(path), frames, fps=10, audio=0.1 * np.sin(np.arange(64000) / 10.0))
+    write_clip(str(path), frames(40, 32, 32), fps=10, audio=tone(4.0))
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     clip = load_clip(str(path), fps=10.0, max_frames=64, size=(32, 32))

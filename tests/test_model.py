@@ -1,5 +1,7 @@
-"""The tiny AV captioner end to end: padding, overfitting, generation, the prefix mask, staged freezing,
-save/load, every interleaver, and the 'released' preset from three tiny transformers checkpoints."""
+"""The tiny AV captioner end to end: padding, overfitting, generation, the prefix mask, the visual delta, long audio,
+gradient checkpointing, freezing, save/load, the layout page, completion log-probs, grounding; the shared tiny helpers."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from avnano.vit import preprocess
 CAPTIONS = ["a red circle appears at 0.5 s.", "a knock at 2.0 s; speaker A says \"go\"."]
 
 
-def tokenizer():
+@functools.lru_cache(maxsize=1)
+def tokenizer():  # shared by every tiny model: never mutated
     return Tokenizer.train(CAPTIONS * 10 + ["Describe the clip."] * 5, vocab_size=300)
 
 
@@ -85,17 +88,6 @@ def test_prefix_mask_hides_caption_from_av_tokens():
     assert not torch.allclose(hp["hidden"][0, first_av], hc["hidden"][0, first_av])
 
 
-@pytest.mark.parametrize("kw", [dict(interleave="concat"), dict(interleave="avti", air=0.25),
-                                dict(interleave="chunked", time_positions=True), dict(modalities="v"),
-                                dict(modalities="a", audio_aligner="mlp"), dict(ot_weight=0.1, ot_fusion=True),
-                                dict(label_smoothing=0.1, visual_aligner="linear"), dict(lora_r=4)])
-def test_config_switches_run(kw):
-    model = tiny(**kw)
-    out = model(*training_batch(model))
-    assert torch.isfinite(out["loss"]) and (out["ot"] > 0) == (kw.get("ot_weight", 0) > 0)
-    out["loss"].backward()
-
-
 def test_visual_delta_feeds_each_frame_and_its_per_patch_change():
     model = tiny()
     assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "max"  # the tiny preset's choice
@@ -137,6 +129,38 @@ def test_audio_longer_than_t_max_is_segmented():
     assert times.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
 
 
+def test_grad_checkpointing_same_loss_and_grads_fewer_saved_activations(monkeypatch):
+    from avnano import training, transformer
+    model = tiny(ground_weight=0.0).train()
+    b = training_batch(model)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            out = model(*b)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    loss, grads, plain_bytes = run()
+    calls = []
+    real = transformer.checkpoint
+    monkeypatch.setattr(transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    training.set_grad_checkpointing(model)
+    loss_ck, grads_ck, ck_bytes = run()
+    assert len(calls) == model.cfg.decoder.n_layers + model.cfg.vit.n_layers + model.cfg.audio.n_layers
+    assert torch.allclose(loss, loss_ck, atol=1e-6, rtol=0) and grads.keys() == grads_ck.keys() and len(grads) > 50
+    for n in grads:
+        assert torch.allclose(grads[n], grads_ck[n], atol=1e-6, rtol=0), n
+    assert ck_bytes < 0.7 * plain_bytes  # the blocks' activations are no longer kept for the backward
+    calls.clear()
+    with torch.no_grad():
+        model(*b)
+    model.eval()
+    model(*b)["loss"].backward()
+    assert not calls  # neither without grad nor in eval mode
+
+
 def test_freezing_groups_and_save_load(tmp_path):
     model = tiny(lora_r=4)
     model.set_trainable({"aligners"})
@@ -168,26 +192,6 @@ def test_load_names_every_key_that_does_not_fit(tmp_path):
     msg = str(err.value)
     assert str(tmp_path) in msg and "missing key decoder.norm.weight" in msg and "unexpected key decoder.extra.weight" in msg
     assert "wrong shape for time_embed.proj.weight: file has (3, 3)" in msg
-
-
-def test_released_preset_from_three_checkpoints(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from tests.test_encoders import VIT, tiny_whisper
-    torch.manual_seed(0)
-    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VIT)).save_pretrained(tmp_path / "vit")
-    tiny_whisper().save_pretrained(tmp_path / "whisper")
-    tok = tokenizer()
-    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    qwen.save_pretrained(tmp_path / "llm")
-    tok.save(str(tmp_path / "llm"))
-    from avnano.checkpoint import released_captioner
-    model = released_captioner(str(tmp_path / "vit"), str(tmp_path / "whisper"), str(tmp_path / "llm"))
-    assert model.cfg.audio.exact and model.cfg.vit.family == "siglip" and model.cfg.decoder.qkv_bias
-    out = model(*training_batch(model))
-    assert torch.isfinite(out["loss"])
-    assert isinstance(model.generate(*batch()[:3], max_new_tokens=5)[0], str)
 
 
 def test_show_layout_page(tmp_path):

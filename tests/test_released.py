@@ -1,24 +1,25 @@
-"""Released towers from the command line: chat templates as transformers renders them, gradient checkpointing
-(same numbers, fewer saved activations), and train_sft.py --vit/--audio/--llm (align, then --init sft with a LoRA,
---resume, a manifest without events) on tiny released-format SigLIP, Whisper and Qwen2 checkpoints, then sample.py."""
+"""Released towers: chat templates as transformers renders them, the 'released' preset from three checkpoints, and
+train_sft.py --vit/--audio/--llm (align, then --init sft with a LoRA, --resume, a manifest without events) on tiny
+released-format SigLIP, Whisper and Qwen2 checkpoints, then sample.py (tests needing transformers skip without it)."""
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from avnano import training
+import sample
+from avnano import masks, training
+from avnano.checkpoint import load_model, released_captioner
 from avnano.errors import InputError
-from avnano.model import AVCaptioner, preset
+from avnano.grpo import completion_mask
+from avnano.layout import assemble
+from avnano.media import load_clip
 from avnano.tokenizer import Tokenizer
 from avnano.weights import audio_keymap, decoder_keymap, read_safetensors, vit_keymap
+from tests.helpers import assert_prints_caption, run_in_process, run_script
+from tests.test_model import CAPTIONS, batch, training_batch
 
-transformers = pytest.importorskip("transformers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Qwen2-*-Instruct's template (tokenizer_config.json); SmolLM2's; a Llama-3 style one avnano does not render
 QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are "
          "a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -46,6 +47,7 @@ def llm_tokenizer(folder, captions, template=QWEN2, jinja=False):
 
 @pytest.mark.parametrize("template,jinja", [(QWEN2, False), (SMOLLM2, True)], ids=["qwen2-config", "smollm2-jinja"])
 def test_chatml_template_renders_as_transformers(tmp_path, template, jinja):
+    transformers = pytest.importorskip("transformers")
     ours = llm_tokenizer(tmp_path, ["a knock at 2.0 s."], template, jinja)
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
     user = [{"role": "user", "content": "<|av|>\nDescribe the clip."}]
@@ -70,68 +72,41 @@ def test_non_chatml_template_is_refused_naming_the_file(tmp_path):
         tok.render([{"role": "user", "content": "hi"}])
 
 
-def test_grad_checkpointing_same_loss_and_grads_fewer_saved_activations(monkeypatch):
-    from avnano import transformer
-    from tests.test_model import tiny, training_batch
-    model = tiny(ground_weight=0.0).train()
-    b = training_batch(model)
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
-            out = model(*b)
-        out["loss"].backward()
-        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
-
-    loss, grads, plain_bytes = run()
-    calls = []
-    real = transformer.checkpoint
-    monkeypatch.setattr(transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    training.set_grad_checkpointing(model)
-    loss_ck, grads_ck, ck_bytes = run()
-    assert len(calls) == model.cfg.decoder.n_layers + model.cfg.vit.n_layers + model.cfg.audio.n_layers
-    assert torch.allclose(loss, loss_ck, atol=1e-6, rtol=0) and grads.keys() == grads_ck.keys() and len(grads) > 50
-    for n in grads:
-        assert torch.allclose(grads[n], grads_ck[n], atol=1e-6, rtol=0), n
-    assert ck_bytes < 0.7 * plain_bytes  # the blocks' activations are no longer kept for the backward
-    calls.clear()
-    with torch.no_grad():
-        model(*b)
-    model.eval()
-    model(*b)["loss"].backward()
-    assert not calls  # neither without grad nor in eval mode
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """Tiny released-format towers (SiglipVisionModel, WhisperForConditionalGeneration, Qwen2ForCausalLM with
-    a ChatML tokenizer) and a tiny toy world."""
+    a ChatML tokenizer) and a tiny toy world. Every weight gets a little noise: no two tensors of a kind are equal
+    (fresh norms are all ones, biases all zeros), so a swapped key mapping shows in the values."""
+    transformers = pytest.importorskip("transformers")
     from avnano import toyworld
+
+    def save(model, folder):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        model.save_pretrained(folder)
     root = tmp_path_factory.mktemp("released")
     toyworld.build(str(root / "world"), 8, 2, seed=1, workers=1, progress=False)
     captions = [json.loads(line)["caption"] for line in open(root / "world" / "train.jsonl")]
     torch.manual_seed(0)
-    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+    save(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8)).save_pretrained(root / "vit")
-    transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        patch_size=8)), root / "vit")
+    save(transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
         d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=100, vocab_size=100, num_mel_bins=80,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).save_pretrained(root / "whisper")
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)), root / "whisper")
     (root / "llm").mkdir()
     tok = llm_tokenizer(root / "llm", captions)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+    save(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, bos_token_id=0,
-        eos_token_id=0)).save_pretrained(root / "llm")
+        eos_token_id=0)), root / "llm")
     return root
 
 
-def run(*args, script="train_sft.py"):
-    out = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out.stdout
+def run(*args):
+    return run_script("train_sft.py", *args).stdout
 
 
 TINY = ("--batch-size", 2, "--eval-n", 2, "--save-every", 1000, "--warmup", 1, "--lr", 1e-2, "--device", "cpu", "--no-cache")
@@ -149,7 +124,7 @@ def released_tensors(root):
     return out
 
 
-def test_train_sft_from_released_towers(released, tmp_path):
+def test_train_sft_from_released_towers(released, tmp_path, monkeypatch, capsys):
     world, towers = released / "world", ("--vit", released / "vit", "--audio", released / "whisper", "--llm", released / "llm")
     align = tmp_path / "align"
     log = run(*towers, "--data", world, "--stage", "align", "--steps", 2, "--out", align, *TINY)
@@ -159,6 +134,39 @@ def test_train_sft_from_released_towers(released, tmp_path):
     assert towers_keys == set(ref)  # every tower parameter is one of the released tensors, and nothing else
     for k in ref:
         assert torch.equal(saved[k], ref[k]), f"{k} changed in the align stage"
+    # a few pairs written out by hand, not through weights.py's key maps: a swapped mapping fails here too
+    llm, vit, whisper = (read_safetensors(str(released / d)) for d in ("llm", "vit", "whisper"))
+    by_hand = {"decoder.embed.weight": llm["model.embed_tokens.weight"],
+               "decoder.blocks.0.attn.q_proj.weight": llm["model.layers.0.self_attn.q_proj.weight"],
+               "decoder.blocks.1.attn.k_proj.weight": llm["model.layers.1.self_attn.k_proj.weight"],
+               "decoder.blocks.1.attn.v_proj.weight": llm["model.layers.1.self_attn.v_proj.weight"],
+               "decoder.blocks.0.attn.k_proj.bias": llm["model.layers.0.self_attn.k_proj.bias"],
+               "decoder.blocks.0.attn.o_proj.weight": llm["model.layers.0.self_attn.o_proj.weight"],
+               "decoder.blocks.1.attn_norm.weight": llm["model.layers.1.input_layernorm.weight"],
+               "decoder.blocks.1.mlp_norm.weight": llm["model.layers.1.post_attention_layernorm.weight"],
+               "decoder.blocks.0.mlp.gate_proj.weight": llm["model.layers.0.mlp.gate_proj.weight"],
+               "decoder.blocks.0.mlp.up_proj.weight": llm["model.layers.0.mlp.up_proj.weight"],
+               "decoder.norm.weight": llm["model.norm.weight"],
+               "vit.patch_embed.weight": vit["embeddings.patch_embedding.weight"],
+               "vit.pos_embed": vit["embeddings.position_embedding.weight"],
+               "vit.blocks.1.attn.q_proj.weight": vit["encoder.layers.1.self_attn.q_proj.weight"],
+               "vit.blocks.1.attn.k_proj.bias": vit["encoder.layers.1.self_attn.k_proj.bias"],
+               "vit.blocks.0.norm1.weight": vit["encoder.layers.0.layer_norm1.weight"],
+               "vit.blocks.0.norm2.bias": vit["encoder.layers.0.layer_norm2.bias"],
+               "vit.blocks.0.fc1.weight": vit["encoder.layers.0.mlp.fc1.weight"],
+               "vit.post_norm.weight": vit["post_layernorm.weight"],
+               "vit.head.probe": vit["head.probe"],
+               "audio.conv1.weight": whisper["model.encoder.conv1.weight"],
+               "audio.conv2.bias": whisper["model.encoder.conv2.bias"],
+               "audio.pos_embed": whisper["model.encoder.embed_positions.weight"],
+               "audio.blocks.0.attn.v_proj.weight": whisper["model.encoder.layers.0.self_attn.v_proj.weight"],
+               "audio.blocks.1.attn.out_proj.bias": whisper["model.encoder.layers.1.self_attn.out_proj.bias"],
+               "audio.blocks.1.norm1.weight": whisper["model.encoder.layers.1.self_attn_layer_norm.weight"],
+               "audio.blocks.1.norm2.weight": whisper["model.encoder.layers.1.final_layer_norm.weight"],
+               "audio.blocks.0.fc2.weight": whisper["model.encoder.layers.0.fc2.weight"],
+               "audio.norm.bias": whisper["model.encoder.layer_norm.bias"]}
+    for ours, theirs in by_hand.items():
+        assert torch.equal(saved[ours], theirs), ours
     # the aligners the script started from: build_model with the same flags and seed
     p = argparse.ArgumentParser()
     training.model_args(p, architecture=True)
@@ -197,9 +205,14 @@ def test_train_sft_from_released_towers(released, tmp_path):
     assert "resumed from" in log and "at step 2" in log and "step=3 " in log
     assert json.loads((sft / "train_state.json").read_text())["step"] == 3
 
-    clip = world / json.loads(open(world / "test.jsonl").readline())["video"]
-    out = run("--ckpt", sft, "--video", clip, "--max-new-tokens", 8, script="sample.py")
-    assert out.strip()
+    # sample.py prints the caption the trained model gives the decoded clip
+    clip = str(world / json.loads(open(world / "test.jsonl").readline())["video"])
+    out, _ = run_in_process(monkeypatch, capsys, sample.main, "--ckpt", sft, "--video", clip, "--max-new-tokens", 8,
+                            "--device", "cpu")
+    model = load_model(str(sft))
+    cfg = model.cfg
+    c = load_clip(clip, cfg.fps, cfg.max_frames, (cfg.vit.image_size, cfg.vit.image_size))
+    assert_prints_caption(out, model.generate([c.frames], [c.frame_times], [c.audio], max_new_tokens=8)[0])
 
 
 def test_released_flags_are_all_or_none_and_init_keeps_its_towers(released):
@@ -216,3 +229,28 @@ def test_released_flags_are_all_or_none_and_init_keeps_its_towers(released):
     args = p.parse_args(["--vit", vit, "--audio", audio, "--llm", llm, "--merge", "4", "--lora-r", "2"])
     model = training.build_model(args, [], p)
     assert model.cfg.vit.tokens_per_frame == 1 and model.cfg.lora_r == 2 and any("lora_" in k for k in model.state_dict())
+
+
+def test_released_preset_from_three_checkpoints(released):
+    model = released_captioner(*(str(released / d) for d in ("vit", "whisper", "llm"))).eval()
+    assert model.cfg.audio.exact and model.cfg.vit.family == "siglip" and model.cfg.decoder.qkv_bias
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in released_tensors(released).items())  # the towers hold the released tensors
+    assert model.tok.chat and model.tok.decode(model.completion_ids(CAPTIONS[0]), skip_special=False) == CAPTIONS[0] + "<|im_end|>"
+    out = model(*training_batch(model))
+    assert torch.isfinite(out["loss"]) and out["n_tokens"] > 0
+    frames, times, audio = batch()
+    with torch.no_grad():
+        texts, ids = model.generate(frames, times, audio, max_new_tokens=5, return_ids=True)
+        # greedy with the KV cache: each token is the top logit of a full forward over the prompt and the tokens before it
+        blocks, prompt = model.av_block(frames, times, audio)[0], model.render()[0]
+        x = assemble(model, blocks, [prompt + row for row in ids.tolist()], [[0] * len(prompt) + [1] * ids.shape[1]] * len(ids))
+        h = model.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=masks.for_sdpa(
+            masks.av_prefix(x.is_av) & masks.key_padding(x.valid)), return_hidden=True)
+        logits = model.decoder.logits(h[x.labels != -100]).float().view(*ids.shape, -1)
+    chosen = logits.gather(-1, ids[..., None])[..., 0]
+    real = completion_mask(ids, model.tok.eos_ids).bool()  # up to and including the end token
+    assert ids.shape[0] == 2 and real.sum() > 0
+    assert (chosen >= logits.amax(-1) - 1e-4)[real].all()
+    assert texts == [model.tok.decode([t for t, r in zip(row, m) if r and t not in model.tok.eos_ids])
+                     for row, m in zip(ids.tolist(), real.tolist())]

@@ -1,37 +1,26 @@
 """Each AVConfig ablation switch has the effect it claims, on the tiny preset and hand-made clips;
 a clip's log-probs and caption do not depend on its batch-mates; AVConfig.from_dict rejects unknown fields."""
-import functools
 from dataclasses import asdict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from avnano.interleave import AUDIO, VISUAL
 from avnano.layout import assemble
-from avnano.model import AVCaptioner, AVConfig, preset
-from avnano.tokenizer import AV, Tokenizer
-
-CAPTIONS = ["a red circle appears at 0.5 s.", "a knock at 2.0 s; speaker A says \"go\"."]
-
-
-@functools.lru_cache(maxsize=1)
-def tokenizer():
-    return Tokenizer.train(CAPTIONS * 10 + ["Describe the clip."] * 5, vocab_size=300)
+from avnano.model import AVConfig, preset
+from avnano.tokenizer import AV
+from tests import test_model
+from tests.test_model import CAPTIONS
+from tests.test_ot import by_hand
 
 
 def tiny(**overrides):
-    torch.manual_seed(0)
-    return AVCaptioner(preset("tiny", tokenizer().vocab_size, **overrides), tokenizer()).eval()
+    return test_model.tiny(**overrides).eval()
 
 
 def clips(seconds=(2.0, 3.5), seed=0):
     """Random frames at 2 fps (times 0.25, 0.75, ... s) and random 16 kHz audio, per clip."""
-    g = torch.Generator().manual_seed(seed)
-    frames = [(torch.rand(int(s * 2), 32, 32, 3, generator=g) * 255).to(torch.uint8) for s in seconds]
-    times = [(torch.arange(int(s * 2)) + 0.5) / 2 for s in seconds]
-    audio = [torch.randn(int(s * 16000), generator=g) * 0.1 for s in seconds]
-    return frames, times, audio
+    return test_model.batch(seconds, seed)
 
 
 def captions(model, n=2):
@@ -68,18 +57,6 @@ def test_audio_only_ignores_the_frames():
 
 
 # ------------------------------------------------------------------------------- OT fusion and loss
-def naive_plan(v, a, eps=0.1, iters=50):
-    """Plain Sinkhorn (Cuturi 2013) on LAVCap's cost 1 - cos, uniform marginals, in float64: (plan, cost)."""
-    C = (1 - F.cosine_similarity(v[:, None], a[None], dim=-1)).double()
-    K = torch.exp(-C / eps)
-    r, c = torch.full((len(v),), 1.0 / len(v), dtype=C.dtype), torch.full((len(a),), 1.0 / len(a), dtype=C.dtype)
-    u, w = torch.ones_like(r), torch.ones_like(c)
-    for _ in range(iters):
-        u = r / (K @ w)
-        w = c / (K.T @ u)
-    return (u[:, None] * K * w[None]).float(), C.float()
-
-
 def test_ot_fusion_mixes_each_stream_with_the_other_through_the_plan():
     model = tiny(interleave="concat", time_embed=False)  # concat: [visual; audio], no clock: pure content
     frames, times, audio = clips()
@@ -90,7 +67,7 @@ def test_ot_fusion_mixes_each_stream_with_the_other_through_the_plan():
     for (x, t, m), (y, ty, my) in zip(plain, fused):
         n_v = int((m == VISUAL).sum())
         v, a = x[:n_v], x[n_v:]
-        P, _ = naive_plan(v, a)
+        _, P = by_hand(v, a)  # the naive Sinkhorn plan on the cosine cost
         want = torch.cat([v + n_v * P @ a, a + len(a) * P.T @ v])  # v' = v + n_v P a, a' = a + n_a P^T v
         assert not torch.allclose(y, x, atol=1e-2) and torch.allclose(y, want, atol=1e-4)
         assert torch.equal(t, ty) and torch.equal(m, my)
@@ -105,7 +82,7 @@ def test_ot_weight_adds_lambda_times_the_mean_plan_cost():
     terms = []
     for x, _, m in blocks:
         n_v = int((m == VISUAL).sum())
-        P, C = naive_plan(x[:n_v], x[n_v:])
+        C, P = by_hand(x[:n_v], x[n_v:])
         terms.append((P * C).sum())
     assert torch.allclose(out["ot"], torch.stack(terms).mean(), atol=1e-5) and out["ot"] > 0
     assert torch.allclose(out["loss"], out["ce"] + 0.3 * out["ot"])

@@ -1,17 +1,12 @@
 """Tokenizer: BPE training, round trip, ChatML template loss mask, stopping at the template end token;
 sample.py's text mode end to end."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from avnano.decoder import Decoder, DecoderConfig
 from avnano.generate import generate
 from avnano.tokenizer import IM_END, Tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_script
 CORPUS = ["a red circle moves left at 1.5 s.", "a knock at 2.0 s.", "speaker A says \"hello there\".",
           "a blue square appears at 0.5 s and a rising chirp plays."] * 20
 
@@ -81,9 +76,7 @@ def test_sample_py_streams_the_reference_greedy_reply(tmp_path):
     new = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
                       do_sample=False, eos_token_id=t.eos_ids, pad_token_id=t.pad_id)[0, len(ids):].tolist()
     want = t.decode([i for i in new if i not in t.eos_ids and i != t.pad_id])
-    out = subprocess.run([sys.executable, "sample.py", "--llm", str(tmp_path), "--prompt", "a knock", "--max-new-tokens", "12"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_script("sample.py", "--llm", tmp_path, "--prompt", "a knock", "--max-new-tokens", 12, "--device", "cpu", timeout=120)
     printed = out.stdout[:-1]  # the final newline
     # all of the reply is streamed except an incomplete UTF-8 character at its very end, held back
     assert printed.strip() and want.startswith(printed) and want[len(printed):].strip("\ufffd") == ""
