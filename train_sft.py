@@ -58,7 +58,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(p, architecture=True)
     g = data_args(p)
-    g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size of a fresh model's tokenizer")
     g.add_argument("--no-cache", action="store_true", help="decode clips every time instead of keeping them in memory")
     g = opt_args(p)
     g.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train (sft without "

@@ -37,6 +37,7 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
     g.add_argument("--lora-alpha", type=float, default=lora_alpha, help="LoRA alpha (the update is scaled by alpha / r)")
     if architecture:
         g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size: tiny (CPU) or small (one GPU)")
+        g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size of a fresh model's tokenizer")
         g.add_argument("--interleave", default="per_frame", choices=["concat", "per_frame", "avti", "chunked"], help="AV token order")
         g.add_argument("--air", type=float, default=0.25, help="AVTI audio-interleaving rate")
         g.add_argument("--chunk-seconds", type=float, default=2.0, help="chunk length of the chunked interleaver")

@@ -275,7 +275,6 @@ def test_init_refuses_model_flags_it_cannot_apply(sft_ckpt):
     p = argparse.ArgumentParser()
     training.model_args(p, architecture=True)
     training.opt_args(p)
-    p.add_argument("--vocab", type=int, default=512)  # train_sft.py's own model flag
     args = p.parse_args(["--init", sft_ckpt, "--interleave", "chunked", "--preset", "small", "--lora-r", "4"])
     with pytest.raises(InputError) as e:
         training.build_model(args, [], p)
