@@ -208,23 +208,29 @@ def load_clip(path, fps=2.0, max_frames=32, size=(224, 224)):
 
 
 def write_clip(path, frames=None, fps=25, audio=None, sample_rate=SAMPLE_RATE, vcodec="libx264", acodec="aac",
-               frame_times=None):
+               frame_times=None, threads=1):
     """Write uint8 frames (n, H, W, 3) and/or float audio (samples,) or (channels, samples) to one file.
-    frame_times (seconds, optional) gives each frame its own timestamp (variable frame rate)."""
+    frame_times (seconds, optional) gives each frame its own timestamp (variable frame rate). The bytes are a
+    function of the input alone: threads = 1 by default (x264's multi-threaded output depends on the thread
+    count, so on the machine), and each frame is converted to the encoder's pixel format on its own."""
     with av.open(path, "w") as out:
         vs = as_ = None
         if frames is not None:
             vs = out.add_stream(vcodec, rate=fps)
             vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            vs.codec_context.thread_count = threads
             if frame_times is not None:
                 vs.time_base = Fraction(1, 1000)
         if audio is not None:
             audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
             layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]]
             as_ = out.add_stream(acodec, rate=sample_rate, layout=layout)
+            as_.codec_context.thread_count = threads
         if vs is not None:
             for i, img in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                # converted here, with a fresh converter per frame: the stream's own one keeps state from clip to
+                # clip in a process, so a clip's bytes depended on which clips that worker had written before
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24").reformat(format=vs.pix_fmt)
                 if frame_times is not None:
                     frame.time_base = Fraction(1, 1000)
                     frame.pts = int(round(frame_times[i] * 1000))
