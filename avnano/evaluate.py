@@ -5,6 +5,7 @@ from tqdm import tqdm
 from .distributed import autocast, gather, sum_over_ranks
 from .grammar import parse
 from .metrics import evaluate
+from .toyworld import HELD_OUT
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ def eval_split(model, store, n=None, batch_size=16, max_new_tokens=160, progress
     texts = [by_index[i] for i in indices]
     kept = [(t, store.rows[i]["events"]) for i, t in zip(indices, texts) if t is not None and "events" in store.rows[i]]
     # the event metrics need ground-truth events (the toy world's); a manifest of real videos gets the CE alone
-    metrics = evaluate([t for t, _ in kept], [e for _, e in kept], parse) if kept else {}
+    metrics = evaluate([t for t, _ in kept], [e for _, e in kept], parse, HELD_OUT) if kept else {}
     total, count = sum_over_ranks(list(ce_sums(model, store, mine, batch_size)), world, model.device)
     metrics["heldout_ce"] = total / max(count, 1)
     return metrics, texts

@@ -9,6 +9,9 @@ predicted events / all gt events (an unparsable sentence counts as one); Total =
 corpus-level (sums over clips before dividing).
 Repetition rate (video-SALMONN 2, App. B): split the caption into phrases at punctuation; words in the
 *repeated* occurrences of a phrase (every occurrence after its first) / all words.
+Named right (compositional generalisation): a gt visual / AV event is named right when the predicted event of
+its type closest in time (within the matching window) has its colour and shape, whatever else it gets
+wrong; reported apart for colour-shape pairs the training split never shows (`unseen`) and the others.
 Dialogue word accuracy: for each gt utterance, the words of the time-closest predicted utterance of the
 same speaker (|dt| <= 1 s) aligned by longest common subsequence; matched words / all gt words.
 """
@@ -55,6 +58,12 @@ def match(pred, gt):
     return pairs
 
 
+def named_right(pred, g):
+    """Does the predicted event of g's type closest in time to g (within the match window) name g's colour and shape?"""
+    near = [(score, p) for p in pred if p["type"] == g["type"] for ok, score in [time_match(p, g)] if ok]
+    return bool(near) and all(max(near, key=lambda x: x[0])[1].get(k) == g[k] for k in ("colour", "shape"))
+
+
 def lcs(a, b):
     dp = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i in range(len(a)):
@@ -94,8 +103,10 @@ def f1(tp, n_pred, n_gt):
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def evaluate(pred_texts, gt_events, parse):
-    """Corpus metrics for predicted caption texts against ground-truth event lists."""
+def evaluate(pred_texts, gt_events, parse, unseen=()):
+    """Corpus metrics for predicted caption texts against ground-truth event lists; unseen: the (colour, shape)
+    pairs the training split never shows (named_* figures per event class and seen / unseen)."""
+    named = {(m, u): [0, 0] for m in ("visual", "av") for u in ("seen", "unseen")}  # named right, all
     tp = n_pred = n_gt = 0
     ious, words_hit, words_all, reps = [], 0, 0, []
     per = {m: [0, 0, 0] for m in MODALITIES}  # tp, pred, gt
@@ -107,6 +118,9 @@ def evaluate(pred_texts, gt_events, parse):
         h, a = dialogue_words(pred, gt)
         words_hit, words_all = words_hit + h, words_all + a
         reps.append(repetition_rate(text))
+        for g in (g for g in gt if g["type"] in ("visual", "av")):
+            count = named[g["type"], "unseen" if (g["colour"], g["shape"]) in unseen else "seen"]
+            count[0], count[1] = count[0] + named_right(pred, g), count[1] + 1
         for m in MODALITIES:
             per[m][0] += sum(1 for i, _, _ in pairs if pred[i]["type"] == m)
             per[m][1] += sum(1 for p in pred if p["type"] == m)
@@ -120,4 +134,8 @@ def evaluate(pred_texts, gt_events, parse):
                repetition=sum(reps) / len(reps) if reps else 0.0, n_gt=n_gt, n_pred=n_pred)
     for m in MODALITIES:
         out[f"f1_{m}"] = f1(*per[m])[2]
+    for u in ("seen", "unseen"):
+        hit, n = (sum(named[m, u][i] for m in ("visual", "av")) for i in (0, 1))
+        out[f"named_{u}"] = hit / n if n else 0.0
+        out.update({f"named_{m}_{u}": named[m, u][0] / named[m, u][1] if named[m, u][1] else 0.0 for m in ("visual", "av")})
     return out

@@ -202,3 +202,15 @@ def test_the_world_is_the_same_bytes_whatever_the_worker_count(tmp_path):
     one = digests(Path(tw.build(str(tmp_path / "one"), 40, 8, seed=0, workers=1, progress=False)))
     two = digests(Path(tw.build(str(tmp_path / "two"), 40, 8, seed=0, workers=2, progress=False)))
     assert len(one) == 40 + 8 + 2 and one == two  # the old code: 2 of these 48 clips differed
+
+
+def test_named_right_counts_colour_and_shape_per_class_seen_and_unseen():
+    gt = [dict(type="visual", colour="red", shape="triangle", motion="appears", start=1.0, end=1.0),    # unseen pair
+          dict(type="visual", colour="blue", shape="circle", motion="moves left", start=2.0, end=4.0),  # seen pair
+          dict(type="av", colour="green", shape="square", start=3.0, end=3.0)]                          # unseen pair
+    text = ("a red circle appears at 1.0 s. a blue circle moves right from 2.0 to 4.0 s. "  # wrong shape; wrong motion
+            "the green square knocks at 3.5 s.")                                               # 0.5 s off: still near
+    m = evaluate([text], [gt], g.parse, unseen={("red", "triangle"), ("green", "square")})
+    assert (m["named_visual_unseen"], m["named_visual_seen"], m["named_av_unseen"]) == (0.0, 1.0, 1.0)
+    assert (m["named_unseen"], m["named_seen"]) == (0.5, 1.0)
+    assert m["event_f1"] == 2 * (1 / 3) * (1 / 3) / (2 / 3)  # only the knock is a full match
