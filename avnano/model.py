@@ -61,7 +61,8 @@ class AVConfig:
     ot_fusion: bool = False          # OT-attention fusion before interleaving
     ot_eps: float = 0.1
     ot_iters: int = 50
-    ground_weight: float = 0.0       # weight of the grounding loss (0 = off; see grounding_loss)
+    ground_weight: float = 0.0       # weight of the grounding loss (0 = off; see grounding.loss)
+    word_dropout: float = 0.0        # training: blank this share of the caption's input tokens (see forward)
     lora_r: int = 0                  # > 0 wraps lora_targets of the decoder with LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -184,9 +185,17 @@ class AVCaptioner(nn.Module):
         ids, mask = self.render(caption)
         return [i for i, m in zip(ids, mask) if m]
 
-    def hidden_states(self, blocks, ids, loss_masks=None):
-        """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels."""
+    def hidden_states(self, blocks, ids, loss_masks=None, word_dropout=0.0):
+        """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels.
+        word_dropout (departure, ours; word dropout as in Bowman et al. 2016): each caption token is blanked as
+        an *input* (a zero embedding; its label stays) with this probability, so the next word has to come
+        from the AV block rather than from the words before it (e.g. the shape from the colour just written)."""
         x = assemble(self, blocks, ids, loss_masks)
+        if word_dropout > 0:
+            caption = torch.zeros_like(x.valid)
+            caption[:, 1:] = x.labels[:, :-1] != -100  # token t is a caption token when position t-1 predicts it
+            drop = caption & (torch.rand(caption.shape, device=caption.device) < word_dropout)
+            x = x._replace(embeds=x.embeds.masked_fill(drop[..., None], 0.0))
         h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid),
                          return_hidden=True)
         return h, x
@@ -197,7 +206,7 @@ class AVCaptioner(nn.Module):
         blocks, ot = self.av_block(frames, frame_times, audio)
         g = grounding.loss(self, blocks, ground) if ground is not None and self.cfg.ground_weight > 0 \
             else torch.zeros((), device=self.device)
-        h, x = self.hidden_states(blocks, ids, loss_mask)
+        h, x = self.hidden_states(blocks, ids, loss_mask, self.cfg.word_dropout if self.training else 0.0)
         sel = x.labels != -100
         logits = self.decoder.logits(h[sel]).float()
         ce = F.cross_entropy(logits, x.labels[sel], label_smoothing=self.cfg.label_smoothing)

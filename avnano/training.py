@@ -23,7 +23,7 @@ from .tokenizer import Tokenizer
 # refused by name); the loss weights are this run's objective, so --init applies them.
 ARCHITECTURE = ("interleave", "air", "chunk_seconds", "time_positions", "time_embed", "mask", "modalities", "ot_fusion", "fps",
                 "max_frames", "visual_aligner", "visual_delta", "audio_aligner", "window", "n_queries")
-LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing")
+LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing", "word_dropout")
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -60,6 +60,8 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
         g.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding loss (needs manifest "
                        "events; 0 = off)")
         g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
+        g.add_argument("--word-dropout", type=float, default=0.0, help="share of caption input tokens blanked in "
+                       "training, so words come from the AV block, not from the words before (ours)")
         g.add_argument("--vit", default=None, help="released SigLIP / CLIP directory (with --audio and --llm: a captioner "
                        "from released towers, fresh aligners, the LLM's tokenizer and chat template)")
         g.add_argument("--audio", default=None, help="released Whisper directory (its encoder half is used)")

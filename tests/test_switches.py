@@ -224,3 +224,24 @@ def test_config_round_trips_and_rejects_unknown_fields():
     assert AVConfig.from_dict(asdict(cfg)) == cfg
     with pytest.raises(ValueError, match=r"unknown AVConfig fields \['bogus', 'interleaver'\]"):
         AVConfig.from_dict({**asdict(cfg), "interleaver": "avti", "bogus": 1})
+
+
+def test_word_dropout_blanks_caption_inputs_in_training_only():
+    model = test_model.tiny(word_dropout=1.0)
+    frames, times, audio = test_model.batch(seconds=(2.0,))
+    ids, mask = model.render(CAPTIONS[0])
+    start = mask.index(1)
+    shuffled = ids[:start] + ids[start:-1][::-1] + ids[-1:]  # the same caption tokens in another order
+    blocks = model.av_block(frames, times, audio)[0]
+    with torch.no_grad():
+        ha, xa = model.hidden_states(blocks, [ids], [mask], word_dropout=1.0)
+        hb, xb = model.hidden_states(blocks, [shuffled], [mask], word_dropout=1.0)
+        hc, _ = model.hidden_states(blocks, [shuffled], [mask])
+    assert torch.equal(ha, hb)  # every caption input blanked: the words before cannot tell the next one
+    assert not torch.allclose(ha, hc) and not torch.equal(xa.labels, xb.labels)  # the labels stay the caption's
+    plain = test_model.tiny().eval()  # the same weights without word dropout
+    model.eval()
+    with torch.no_grad():  # evaluation reads the words it has written
+        assert torch.equal(model(frames, times, audio, [ids], [mask])["ce"], plain(frames, times, audio, [ids], [mask])["ce"])
+        model.train()
+        assert not torch.equal(model(frames, times, audio, [ids], [mask])["ce"], plain(frames, times, audio, [ids], [mask])["ce"])
