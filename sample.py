@@ -1,6 +1,7 @@
 """Sample from avnano: a caption for any video (or audio) file, or text from a released LLM checkpoint.
 
     python sample.py --ckpt out/sft --video clip.mp4            # AV captioner (mp4/mkv/webm/avi/wav/...)
+    python sample.py --ckpt AVoCaDO --video clip.mp4 --dtype bfloat16 --device cuda   # a released Qwen2.5-Omni thinker
     python sample.py --llm path/to/SmolLM2-135M-Instruct --prompt "What is a knock?"   # text, streamed
 """
 import argparse
@@ -51,12 +52,21 @@ class Streamer:
 
 
 def caption_video(args):
+    """An avnano AV checkpoint, or a Qwen2.5-Omni directory (AVoCaDO, Qwen2.5-Omni-3B/7B, ...: detected from its
+    config.json; its weights read in --dtype, its chat template and default system prompt, or --system)."""
     from avnano.checkpoint import load_model
     from avnano.media import load_clip
-    model = load_model(args.ckpt, device=args.device)
+    model = load_model(args.ckpt, device=args.device, dtype=DTYPES.get(args.dtype))
     cfg = model.cfg
-    clip = load_clip(args.video, fps=cfg.fps, max_frames=cfg.max_frames, size=(cfg.vit.image_size, cfg.vit.image_size))
-    if not clip.has_audio:
+    size = None if cfg.vit.image_size is None else (cfg.vit.image_size, cfg.vit.image_size)  # None: the thinker resizes
+    clip = load_clip(args.video, fps=cfg.fps, max_frames=cfg.max_frames, size=size)
+    omni = getattr(model, "omni", False)
+    if omni and args.system:
+        cfg.system = args.system
+    if not clip.has_audio and omni:  # as Qwen2.5-Omni's processor: a video without audio gets no audio tokens
+        print(f"note: {args.video} has no audio; captioning from the frames alone", file=sys.stderr)
+        clip.audio = clip.audio[:0]
+    elif not clip.has_audio:
         print(f"note: {args.video} has no audio; captioning with silence", file=sys.stderr)
     if not clip.has_video:
         print(f"note: {args.video} has no video stream; captioning from audio alone", file=sys.stderr)
@@ -66,9 +76,11 @@ def caption_video(args):
     print(text if text.strip() else "(empty caption: the model ended at once; an undertrained checkpoint does this)")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def chat(args):
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype,
-                                                                      torch.bfloat16 if args.device == "cuda" else torch.float32)
+    dtype = DTYPES.get(args.dtype, torch.bfloat16 if args.device == "cuda" else torch.float32)
     model = load_decoder(args.llm, dtype=dtype, device=args.device)
     if args.compile:
         model = compile_for_sampling(model)
@@ -86,11 +98,13 @@ def chat(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("AV captioning")
-    g.add_argument("--ckpt", default=None, help="avnano AV checkpoint directory (e.g. out/sft)")
+    g.add_argument("--ckpt", default=None, help="avnano AV checkpoint directory (e.g. out/sft), or a Qwen2.5-Omni "
+                   "directory (AVoCaDO, Qwen2.5-Omni-3B/7B; --dtype and --system apply)")
     g.add_argument("--video", default=None, help="media file to caption (video-only and audio-only files work too)")
     g = p.add_argument_group("text from a released LLM")
     g.add_argument("--llm", default=None, help="directory with config.json, model.safetensors(.index.json), tokenizer.json")
-    g.add_argument("--system", default=None, help="optional system message (none is added by default)")
+    g.add_argument("--system", default=None, help="optional system message (default: none for --llm; a Qwen2.5-Omni "
+                   "--ckpt uses its chat template's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="compile the decoder for sampling first (minutes; pays off "
                    "for long outputs: 1.5-2.1x transformers on CPU in the README, ~1.1x without)")

@@ -86,8 +86,8 @@ def train_round(model, store, pairs, args, log, rnd, world, rank):
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
             optimizer.step()
             steps += 1
-            stats = mean_over_ranks([total.item(), rc.mean().item(), rr.mean().item(), (rc > rr).float().mean().item()], world,
-                                    model.device)
+            stats = mean_over_ranks(torch.stack([total.detach(), rc.mean(), rr.mean(), (rc > rr).float().mean()]).tolist(), world,
+                                    model.device)  # one device read per step
             log(f"round={rnd + 1} epoch={epoch + 1} step={steps} loss={stats[0]:.4f} chosen_reward={stats[1]:.4f} "
                 f"rejected_reward={stats[2]:.4f} margin={stats[1] - stats[2]:.4f} accuracy={stats[3]:.3f} "
                 f"step_s={time.perf_counter() - t0:.2f}")

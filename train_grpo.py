@@ -24,7 +24,7 @@ from avnano.data import ClipStore, Loader, read_splits
 from avnano.errors import run_main
 from avnano.evaluate import eval_split
 from avnano.grammar import dialogue
-from avnano.grpo import completion_mask, group_advantages, grpo_loss, kl_k3
+from avnano.grpo import group_advantages, grpo_loss, kl_k3
 from avnano.rewards import total_reward
 from avnano.distributed import autocast, setup_distributed, sync_grads, teardown
 from avnano.training import (data_args, ensure_toy_world, make_optimizer, model_args, opt_args, policy_lora, run_args,
@@ -34,23 +34,24 @@ from avnano.training import (data_args, ensure_toy_world, make_optimizer, model_
 def policy_steps(model, optimizer, blocks, completions, adv, ref, args, world=1):
     """args.iterations (GRPO's mu) optimiser steps on one batch of samples; pi_old is the policy that
     sampled them. Returns the first step's loss and k3 KL, max |ratio - 1| seen by the last step (0
-    when mu == 1), the completion mask and the last gradient norm."""
+    when mu == 1), the completion mask and the last gradient norm; the numbers stay on the device (the caller
+    reads them once)."""
     for it in range(args.iterations):
         with autocast(model.device):
             logp, cmask = model.completion_logprobs(blocks, completions, args.temperature)
         if it == 0:
             old = logp.detach()
-            kl = ((kl_k3(old, ref) * cmask).sum() / cmask.sum()).item() if ref is not None else 0.0
+            kl = (kl_k3(old, ref) * cmask).sum() / cmask.sum() if ref is not None else torch.zeros((), device=logp.device)
         loss = grpo_loss(logp, old, ref, adv, cmask, args.beta, args.clip_eps, args.clip_eps_high, args.norm)
         if it == 0:
-            first_loss = loss.item()
+            first_loss = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(model, world)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
-    ratio_dev = ((logp.detach() - old).exp() - 1).abs().mul(cmask).max().item()
-    return first_loss, kl, ratio_dev, cmask, float(grad_norm)
+    ratio_dev = ((logp.detach() - old).exp() - 1).abs().mul(cmask).max()
+    return first_loss, kl, ratio_dev, cmask, grad_norm
 
 
 def grpo_step(model, optimizer, items, args, gen, world=1):
@@ -62,8 +63,8 @@ def grpo_step(model, optimizer, items, args, gen, world=1):
         model.eval()
         texts, ids = model.generate(None, None, None, blocks=blocks, return_ids=True, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, generator=gen)
-    mask = completion_mask(ids, model.tok.eos_ids)
-    completions = [row[:int(m.sum())] for row, m in zip(ids.tolist(), mask)]
+    eos = set(model.tok.eos_ids)  # each completion up to and including its first EOS (grpo.completion_mask), on the host
+    completions = [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in ids.tolist()]
     scored = rewards_for(texts, [it[0] for it in items for _ in range(G)], args)
     r = torch.tensor([s[0] for s in scored], device=model.device).view(-1, G)
     adv = group_advantages(r, args.scale).view(-1)
@@ -148,9 +149,11 @@ def main():
         first_loss, kl, ratio_dev, cmask, grad_norm, r, scored = grpo_step(model, optimizer, items, args, gen, world)
         state["step"] += 1
         parts = {k: sum(s[1][k] for s in scored) / len(scored) for k in ("r_c", "r_d", "r_l")}
-        log(f"step={state['step']} loss={first_loss:.4f} reward={r.mean().item():.4f} r_c={parts['r_c']:.4f} "
-            f"r_d={parts['r_d']:.4f} r_l={parts['r_l']:.4f} zero_spread={(r.std(-1) == 0).float().mean().item():.3f} "
-            f"kl={kl:.4f} ratio_dev={ratio_dev:.4f} len={cmask.sum(-1).mean().item():.1f} lr={lr:.2e} grad_norm={grad_norm:.3f} "
+        first_loss, kl, ratio_dev, grad_norm, reward, zero_spread, length = torch.stack(  # one device read per step
+            [first_loss, kl, ratio_dev, grad_norm, r.mean(), (r.std(-1) == 0).float().mean(), cmask.sum(-1).mean()]).tolist()
+        log(f"step={state['step']} loss={first_loss:.4f} reward={reward:.4f} r_c={parts['r_c']:.4f} "
+            f"r_d={parts['r_d']:.4f} r_l={parts['r_l']:.4f} zero_spread={zero_spread:.3f} "
+            f"kl={kl:.4f} ratio_dev={ratio_dev:.4f} len={length:.1f} lr={lr:.2e} grad_norm={grad_norm:.3f} "
             f"step_s={time.perf_counter() - t0:.2f}")
         bar.update(1)
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):

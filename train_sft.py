@@ -19,7 +19,6 @@ none, and --stage picks what trains. Every step logs one line of key=value pairs
 import argparse
 import contextlib
 import json
-import math
 import os
 import time
 
@@ -28,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
-from avnano.data import ClipStore, Loader, read_splits
+from avnano.data import ClipStore, Loader, mel_config, read_splits
 from avnano.errors import run_main
 from avnano.evaluate import eval_split
+from avnano.flops import FlopCounter, mfu
+from avnano.omni_flops import OmniFlopCounter
 from avnano.grounding import spans
 from avnano.distributed import autocast, every_rank, setup_distributed, teardown
 from avnano.training import (build_model, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args,
@@ -47,26 +48,26 @@ def wrap(model, world, compile=False):
     return DDP(model, find_unused_parameters=True) if world > 1 else model
 
 
-def flops_per_step(model, n_seq, n_frames, n_audio_tokens):
-    """~6 N per token for each tower (attention FLOPs left out): the MFU numerator."""
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    vit_tokens = n_frames * (model.cfg.vit.grid ** 2)
-    return 6 * (count(model.decoder) * n_seq + count(model.vit) * vit_tokens + count(model.audio) * n_audio_tokens)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(p, architecture=True)
     g = data_args(p)
     g.add_argument("--no-cache", action="store_true", help="decode clips every time instead of keeping them in memory")
+    g.add_argument("--cache-gb", type=float, default=8.0, help="bound of the in-memory clip cache (least recently used "
+                   "clips are dropped beyond it)")
+    g.add_argument("--workers", type=int, default=0, help="data worker processes that decode clips and compute log-mel "
+                   "(0: one background thread of this process; a GPU box: 4-8)")
     g = opt_args(p)
     g.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train (sft without "
                    "--lora-r: aligners + the whole decoder)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
+    g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
+                   "logged numbers stay on the device in between: one read per line)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decoder")
-    g.add_argument("--peak-flops", type=float, default=989e12, help="accelerator bf16 peak for MFU (H100: 989e12)")
+    g.add_argument("--peak-flops", type=float, default=989e12, help="bf16 dense peak of one GPU for MFU (H100 / H200 SXM: "
+                   "989e12); the log's mfu = step FLOPs of all ranks / (step seconds x peak x ranks), n/a on a CPU")
     args = p.parse_args()
     rank, world, device, log = setup_distributed(args.device)
     ensure_toy_world(args, rank)
@@ -91,19 +92,20 @@ def main():
         f"{len(train_rows)} train clips; device {device}, world {world}")
 
     cfg = model.cfg
-    store = ClipStore(train_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, cache=not args.no_cache)
+    store = ClipStore(train_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, cache=not args.no_cache,
+                      cache_bytes=int(args.cache_gb * 2 ** 30), audio=mel_config(model))  # log-mel made by the loader
     test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)  # decoded once, evaluated many times
-    loader = Loader(store, args.batch_size, args.seed, rank, world)
+    loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device=device)
     stream = loader.iterate(state["epoch"], state["batch"])
+    flop_counter = (OmniFlopCounter if getattr(model, "omni", False) else FlopCounter)(model)  # after set_trainable
     t_start, step_time = time.perf_counter(), 0.0
+    keys = ("loss", "ce", "ot", "ground", "grad_norm", "not_finite")
+    sums = torch.zeros(len(keys), device=device)  # logged numbers summed on the device, read once per log line
+    t0, wait0, n_seq, step_flops, n_steps = time.perf_counter(), loader.wait_seconds, 0, 0, 0
     bar = tqdm(total=args.steps, initial=state["step"], desc="sft", disable=rank != 0, leave=False)
     while state["step"] < args.steps:
-        t0, wait0 = time.perf_counter(), loader.wait_seconds
         lr = set_lr(optimizer, state["step"], args)
         optimizer.zero_grad(set_to_none=True)
-        keys = ("loss", "ce", "ot", "ground")
-        sums = torch.zeros(len(keys), device=device)  # logged sums stay on the device: one read per step
-        n_seq = n_frames = n_audio = 0
         micro = []
         for _ in range(args.grad_accum):
             epoch, batch, items = next(stream)
@@ -119,26 +121,37 @@ def main():
                     ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
                     out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
                 (out["loss"] / len(micro)).backward()  # the mean over the micro-batches that ran
-            sums += torch.stack([out[k].detach().float() for k in keys]) / len(micro)
-            n_seq += out["n_seq"]
-            n_frames += sum(len(it[1]) for it in items)
-            n_audio += sum(len(it[3]) // 320 for it in items)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip))
-        sums = dict(zip(keys, sums.tolist()))
-        if not math.isfinite(grad_norm):  # the same all-reduced gradients on every rank: every rank stops here together
-            raise SystemExit(f"step {state['step'] + 1}: loss {sums['loss']}, gradient norm {grad_norm} (not finite); "
-                             f"stopping. Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
+            sums[:4] += torch.stack([out[k].detach().float() for k in keys[:4]]) / len(micro)
+            n_seq += out["n_seq"]  # a host int: the layout is planned on the host
+            step_flops += flop_counter.batch(items, ids, masks)  # host numbers only (flops.py's formula)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        sums[4:] += torch.stack([grad_norm.float(), (~torch.isfinite(grad_norm)).float()])
+        n_steps += 1
+        step = state["step"] + 1
+        # the one device read: at each log line, before a checkpoint or an evaluation, and at the end
+        flush = step % args.log_every == 0 or step == args.steps or step % args.save_every == 0 or \
+            (args.eval_every and step % args.eval_every == 0) or (args.stop_after and step >= args.stop_after)
+        if flush:
+            mean = dict(zip(keys, (v / n_steps for v in sums.tolist())))
+            if mean["not_finite"] > 0:  # the same all-reduced gradients on every rank: every rank stops here together
+                raise SystemExit(f"step {step}: loss {mean['loss']}, gradient norm {mean['grad_norm']} (not finite); "
+                                 f"stopping. Lower --lr or check the data; the last checkpoint in {args.out} is intact.")
         optimizer.step()
-        state["step"] += 1
+        state["step"] = step
+        bar.update(1)
+        if not flush:
+            continue
         dt = time.perf_counter() - t0
         step_time += dt
-        line = (f"step={state['step']} loss={sums['loss']:.4f} ce={sums['ce']:.4f} ot={sums['ot']:.4f} ground={sums['ground']:.4f} lr={lr:.2e} "
-                f"grad_norm={grad_norm:.3f} tok/s={n_seq * world / dt:.0f} step_s={dt:.3f} "
+        line = (f"step={state['step']} loss={mean['loss']:.4f} ce={mean['ce']:.4f} ot={mean['ot']:.4f} ground={mean['ground']:.4f} "
+                f"lr={lr:.2e} grad_norm={mean['grad_norm']:.3f} tok/s={n_seq * world / dt:.0f} step_s={dt / n_steps:.3f} "
                 f"data_wait={(loader.wait_seconds - wait0) / dt:.3f} skipped={len(store.bad)}")
-        if "cuda" in device:
-            line += f" mfu={flops_per_step(model, n_seq, n_frames, n_audio) * world / dt / args.peak_flops:.4f}"
+        # MFU against the GPU's bf16 peak; a CPU has no agreed peak, so its line gives the achieved rate alone
+        line += f" mfu={mfu(step_flops, dt, args.peak_flops, world):.4f}" if "cuda" in device else " mfu=n/a(cpu)"
+        line += f" tflop/s={step_flops * world / dt / 1e12:.4f}"
         log(line)
-        bar.update(1)
+        sums.zero_()
+        n_seq = step_flops = n_steps = 0
         if rank == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             checkpoint.save(args.out, model, optimizer, dict(state, args=vars(args)))
         if args.eval_every and state["step"] % args.eval_every == 0:  # every rank captions its share
@@ -146,6 +159,7 @@ def main():
             log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" step={state['step']}")
         if args.stop_after and state["step"] >= args.stop_after:
             break
+        t0, wait0 = time.perf_counter(), loader.wait_seconds  # the next interval starts after the log, save and evaluation
     bar.close()
     total_time = time.perf_counter() - t_start
     log(f"trained {state['step']} steps in {total_time:.1f} s; waiting on data {loader.wait_seconds / max(step_time, 1e-9):.1%} "

@@ -17,6 +17,7 @@ Two modes:
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +90,24 @@ def log_mel(audio, n_mels=80, exact=True, seconds=CHUNK_SECONDS):
     log_spec = mel.clamp(min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+class MelSegments(NamedTuple):
+    """A clip's audio as the encoder reads it, cut into segments of at most t_max (AudioConfig.max_seconds):
+    log-mel per segment and each segment's encoder tokens of real audio. Computed by mel_segments(), in a data
+    worker (data.ClipStore with `audio=`) or by model.encode_audio from the waveform: the same numbers either way."""
+    mels: list    # [(n_mels, frames_s) float32] per segment
+    tokens: list  # [int] encoder tokens of real audio per segment (at least 1)
+
+
+def mel_segments(wav, cfg):
+    """float waveform (samples,) at 16 kHz -> MelSegments for an encoder of config cfg (an AudioConfig). Always
+    float32 (autocast off): a data worker and the training process compute the same numbers."""
+    seg = int(cfg.max_seconds * SAMPLE_RATE)
+    pieces = [wav[start:start + seg] for start in range(0, max(len(wav), 1), seg)]
+    with torch.autocast(wav.device.type, enabled=False):
+        mels = [log_mel(w.float(), cfg.n_mels, cfg.exact, cfg.max_seconds)[0] for w in pieces]
+    return MelSegments(mels, [max(1, cfg.n_tokens(len(w) // HOP)) for w in pieces])
 
 
 @dataclass

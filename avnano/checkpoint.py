@@ -22,16 +22,27 @@ from .weights import (load_audio_encoder, load_decoder, load_mapped, load_vit, r
 
 
 def save_model(model, path):
-    """model.safetensors + config.json + tokenizer.json, each written atomically."""
+    """model.safetensors + config.json + tokenizer.json, each written atomically. A Qwen2.5-Omni thinker is written in
+    its released thinker-only layout (omni.save_omni), its LoRA beside the layers."""
+    if getattr(model, "omni", False):
+        from .omni import save_omni
+        return save_omni(model, path)
     os.makedirs(path, exist_ok=True)
     save_file_atomic(model.state_dict(), os.path.join(path, "model.safetensors"))
     write_json_atomic({"avnano": asdict(model.cfg)}, os.path.join(path, "config.json"))
     model.tok.save(path)
 
 
-def load_model(path, device="cpu"):
-    """An AV model directory -> AVCaptioner in eval mode; every missing, unexpected or mis-shaped key named."""
+def load_model(path, device="cpu", dtype=None):
+    """An AV model directory -> AVCaptioner in eval mode; every missing, unexpected or mis-shaped key named. A
+    Qwen2.5-Omni directory (config.json model_type qwen2_5_omni or qwen2_5_omni_thinker) -> omni.OmniThinker, read
+    shard by shard into `dtype` (default: bfloat16 on CUDA, float32 on the CPU; AVCaptioner checkpoints stay float32)."""
     raw = read_config(path)
+    from .omni_load import is_omni
+    if is_omni(raw):
+        from .omni import load_omni
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return load_omni(path, dtype=dtype, device=device)
     if "avnano" not in raw:
         raise InputError(os.path.join(path, "config.json"), "not an avnano AV checkpoint (released LLMs load with sample.py --llm)")
     try:

@@ -8,6 +8,7 @@ model dtype. Departures from nanoGPT: explicit position ids and a boolean attent
 caller (see masks.py), so the AV model can splice encoder tokens in as `inputs_embeds`, give them
 time-aligned positions and let them attend bidirectionally.
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,14 @@ class DecoderConfig:
     qkv_bias: bool = False       # True for Qwen2
     tie_embeddings: bool = True
     max_seq_len: int = 4096      # only sizes the KV cache by default
+    mrope_section: tuple | None = None  # multimodal rope (Qwen2.5-Omni): frequencies per t, h, w axis, e.g. (16, 24, 24)
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        if self.mrope_section is not None:
+            self.mrope_section = tuple(int(s) for s in self.mrope_section)
+            assert sum(self.mrope_section) == self.head_dim // 2, "mrope_section must sum to head_dim / 2"
 
 
 class RMSNorm(nn.Module):
@@ -50,11 +55,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, linear_factor, dtype):
-    """cos/sin tables for integer positions (B, T) -> (B, T, head_dim), half-split layout."""
+def rope_cos_sin(positions, head_dim, theta, linear_factor, dtype, mrope_section=None):
+    """cos/sin tables for integer positions -> (B, T, head_dim), half-split layout. positions (B, T), or
+    (3, B, T) temporal / height / width ids with `mrope_section` (the multimodal rope of Qwen2-VL and
+    Qwen2.5-Omni, see omni_rope.py): the head_dim / 2 frequencies are cut into sections that read the t,
+    h, w ids in turn, the same pattern in both halves. (B, T) ids with a section = t = h = w (1-D rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     inv_freq = inv_freq / linear_factor
-    freqs = positions[..., None].float() * inv_freq
+    if positions.dim() == 3:
+        if mrope_section is None:
+            raise ValueError("(3, B, T) position ids need DecoderConfig.mrope_section")
+        edges = [0, *itertools.accumulate(mrope_section)]
+        freqs = torch.cat([positions[i % 3, ..., None].float() * inv_freq[a:b]
+                           for i, (a, b) in enumerate(zip(edges, edges[1:]))], dim=-1)
+    else:
+        freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -103,6 +118,21 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 
+# None: on CUDA only. A masked sdpa call with enable_gqa runs on the math kernel there (flash takes no mask, the
+# memory-efficient kernel no GQA; torch's sdpa docs), which keeps (B, heads, T, S) fp32 scores per layer for the
+# backward. With an additive mask the decoder expands the kv heads instead and the memory-efficient kernel runs.
+ADDITIVE_MASK = None
+
+
+def additive_mask(mask, dtype):
+    """bool mask (B or 1, 1, T, S) -> 0 where True, -inf where False, in dtype (what sdpa would make of the bool mask
+    in every layer's call; here once per forward, shared by all layers). Rows are stored padded to a multiple of 16
+    keys and sliced back: the alignment the memory-efficient kernel wants (it pads an unaligned mask in every call)."""
+    S = mask.shape[-1]
+    out = torch.full((*mask.shape[:-1], -(-S // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
+    return out[..., :S].masked_fill_(mask, 0.0)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -124,8 +154,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         is_causal = mask is None  # exactly causal, no cache: the fused is_causal path
         # enable_gqa: each kv head serves its group of query heads without materialising repeated copies
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
+        gqa = self.cfg.n_kv_heads != self.cfg.n_heads
+        if gqa and mask is not None and mask.dtype != torch.bool:  # the additive mask of the CUDA path (see additive_mask)
+            rep = self.cfg.n_heads // self.cfg.n_kv_heads
+            k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -176,7 +209,8 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, mask=None, cache=None,
                 last_only=False, return_hidden=False):
-        """input_ids (B, T) or inputs_embeds (B, T, dim); positions (B, T) ints (default: the slots);
+        """input_ids (B, T) or inputs_embeds (B, T, dim); positions (B, T) ints (default: the slots), or
+        (3, B, T) t / h / w ids with cfg.mrope_section;
         mask: None (= causal) or bool (B or 1, 1, T, S) with True = may attend. With a cache, keys are
         its slots: S may stop at the last slot written (the rest is masked) or span all max_len.
         last_only: logits of the final position only (prefill)."""
@@ -188,9 +222,13 @@ class Decoder(nn.Module):
                 mask = (torch.arange(cache.max_len, device=x.device) <= slots[:, None])[None, None]
             elif mask.shape[-1] < cache.max_len:
                 mask = F.pad(mask, (0, cache.max_len - mask.shape[-1]), value=False)
+        if mask is not None and (x.is_cuda if ADDITIVE_MASK is None else ADDITIVE_MASK):
+            dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+            mask = additive_mask(mask, dtype)  # once per forward, shared by every layer
         if positions is None:
             positions = (slots if cache is not None else torch.arange(T, device=x.device)).expand(B, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_linear_factor, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_linear_factor, x.dtype,
+                                self.cfg.mrope_section)
         for block in self.blocks:
             x = run_block(self, block, x, cos, sin, mask, cache)
         if cache is not None:

@@ -5,13 +5,18 @@ torch.Generator, and beam search with the GNMT length penalty lp(Y) = (5 + |Y|)^
 2016; AVCap decodes with 4 beams, a = 0.6). Batches are left-padded so every sequence's newest token
 sits in the same cache slot; padding is masked out of attention and positions count real tokens
 only. Prompts are token ids or embeddings (the AV model's prefix), optionally with their own
-positions and prefill mask (time-aligned ids, the AVCap prefix mask). Each sequence stops at its own
-EOS; the returned ids keep the first EOS and fill the rest with `pad_id`.
+positions and prefill mask (time-aligned ids, Qwen2.5-Omni's (3, B, T) TMRoPE ids, the AVCap prefix
+mask). Each sequence stops at its own EOS; the returned ids keep the first EOS and fill the rest
+with `pad_id`.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 from . import masks
+
+CHECK_EVERY = 16  # greedy / sampled decoding reads the finished flags from the device every this many tokens
 
 
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
@@ -50,7 +55,9 @@ def _prefill(model, input_ids, inputs_embeds, attention_mask, positions, prefill
     logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions, mask=mask,
                    cache=cache, last_only=True)[:, -1]
     valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)
-    next_pos = positions.masked_fill(~valid[:, :T], -1).max(-1).values + 1
+    # new tokens continue one past the row's largest prefill id; with (3, B, T) TMRoPE ids that is the max
+    # over t, h, w and they get t = h = w (transformers: text index + rope_deltas, the same numbers)
+    next_pos = positions.reshape(-1, B, T).masked_fill(~valid[:, :T], -1).amax(dim=(0, 2)) + 1
     return cache, logits, valid, next_pos
 
 
@@ -74,7 +81,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, pos
                                          prefill_mask, max_new_tokens)
     eos = torch.tensor(list(eos_ids), device=logits.device, dtype=torch.long)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    out = []
+    # finished rows are looked for every CHECK_EVERY tokens (one device read each; every token when streaming):
+    # the steps run past the one where every row finished emit only pad, and are cut off again below
+    every, late, out = 1 if on_token is not None else CHECK_EVERY, torch.zeros((), dtype=torch.long, device=logits.device), []
     for t in range(max_new_tokens):
         sampled = sample_next(logits, temperature, top_k, top_p, generator)
         ids = sampled.masked_fill(done, pad_id)  # finished rows emit pad (but feed a real token on)
@@ -82,20 +91,36 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, pos
         if on_token is not None:
             on_token(ids)
         done = done | torch.isin(ids, eos)
-        if done.all() or t == max_new_tokens - 1:
-            break
+        late = late + done.all()  # steps at whose end every row had finished
+        if (t + 1) % every == 0 or t == max_new_tokens - 1:
+            n_late = int(late)  # the one device read of these `every` tokens
+            if n_late or t == max_new_tokens - 1:
+                return torch.stack(out[:len(out) - max(n_late - 1, 0)], dim=1)  # up to the step where all finished
         logits = _step(model, sampled, cache, valid, pos)
         pos = pos + 1
     return torch.stack(out, dim=1)
 
 
-def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True):
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "avnano", "inductor")
+
+
+def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True, cache_dir=None):
     """torch.compile a decoder for sampling only. The static KV cache gives one prefill and one decode
     graph per batch size and dtype. On CPU the three Inductor switches are what make it pay (README:
     1.5-2.1x transformers, against ~1.1x eager): freezing turns the weights into constants prepacked for
     MKL / oneDNN (so later weight updates are not seen), max-autotune lets Inductor's own C++ GEMMs
     compete with those, the C++ wrapper calls the kernels without Python. The switches are Inductor's
-    process-wide settings. Compiling takes minutes."""
+    process-wide settings. Compiling takes minutes the first time; Inductor's on-disk caches keep the work
+    for later runs: the FX graph cache (each graph's generated code, keyed by graph, shapes, dtypes and
+    settings), the autotuning results and the compiled C++ kernels, under cache_dir (default: the
+    TORCHINDUCTOR_CACHE_DIR environment variable, else ~/.cache/avnano/inductor rather than Inductor's /tmp).
+    Tracing and AOTAutograd run again in every process (AOTAutograd's cache refuses frozen graphs)."""
+    import torch._functorch.config
+    import torch._inductor.config
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or CACHE_DIR
+    torch._inductor.config.fx_graph_cache = True
+    torch._inductor.config.autotune_local_cache = True
+    torch._functorch.config.enable_autograd_cache = True  # used when freeze=False
     torch._dynamo.config.cache_size_limit = 64  # graphs per (batch, dtype, prefill/decode)
     torch._inductor.config.freezing = freeze
     torch._inductor.config.max_autotune = max_autotune

@@ -8,11 +8,13 @@ utterance plus each word over its own recording (the asset's length, then render
 """
 import re
 
+import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE
 from .grammar import sentence
 from .interleave import AUDIO, VISUAL
+from .layout import Plan, flat_tokens, host_view
 from .render import WORD_GAP, word_audio
 
 POINT_WINDOW = 1.0         # seconds of video that show an appearance / disappearance
@@ -62,28 +64,41 @@ def targets(tok, spans_list):
             for t0, t1, mods, text, words in spans_list]
 
 
-def loss(model, blocks, spans_per_clip):
+def plan_triples(plan, tok, hosts, spans_per_clip):
+    """Host half of the loss: the sparse (token row, word id, weight) triples (no tokens x vocab matrix) from
+    each clip's AV token times and modality on the host (hosts: per clip (times, modality) numpy arrays).
+    meta["ground"] = the number of spans that have both tokens and words (0: no loss)."""
+    rows, ids, w, offset = [], [], [], 0
+    for (times, modality), spans_list in zip(hosts, spans_per_clip):
+        for t0, t1, mods, span_ids in targets(tok, spans_list):
+            inside = (times >= np.float32(t0 - 1e-3)) & (times <= np.float32(t1 + 1e-3)) & np.isin(modality, mods)
+            r = np.flatnonzero(inside) + offset
+            if len(r) and span_ids:
+                rows.append(np.repeat(r, len(span_ids)))
+                ids.append(np.tile(np.asarray(span_ids, dtype=np.int64), len(r)))
+                w.append(np.full(len(r) * len(span_ids), 1.0 / (len(r) * len(span_ids)), dtype=np.float32))
+        offset += len(times)
+    plan.meta["ground"] = len(rows)
+    if rows:
+        used, row = np.unique(np.concatenate(rows), return_inverse=True)
+        plan.host.update({"ground.used": used, "ground.row": row.reshape(-1), "ground.ids": np.concatenate(ids),
+                          "ground.w": np.concatenate(w)})
+    return plan
+
+
+def loss(model, blocks, spans_per_clip, plan=None):
     """Logit-lens grounding (departure, ours): each AV token inside an event's span, read by the
     decoder's own final norm and output head, should name the event's words (cross-entropy averaged
     over the words). The decoder then only has to copy a token to say what it shows, instead of first
     discovering a faint direction in it (speaker and word identity were < 2 % of the audio tokens'
     variance without it). It reads the content tokens of model.av_block, without the clock: with the
-    time embedding added it also pulled the clock toward the words (held-out mean tIoU 0.80 -> 0.71)."""
-    tokens = torch.cat([b[0] for b in blocks])
-    rows, ids, w, offset = [], [], [], 0  # sparse (token row, word id, weight) triples; no tokens x vocab matrix
-    for (_, times, modality), spans_list in zip(blocks, spans_per_clip):
-        times, modality = times.cpu(), modality.cpu()
-        for t0, t1, mods, span_ids in targets(model.tok, spans_list):
-            inside = (times >= t0 - 1e-3) & (times <= t1 + 1e-3) & torch.isin(modality, torch.tensor(mods, device="cpu"))
-            r = inside.nonzero()[:, 0] + offset
-            if len(r) and span_ids:
-                rows.append(r.repeat_interleave(len(span_ids)))
-                ids.append(torch.tensor(span_ids, device="cpu").repeat(len(r)))
-                w.append(torch.full((len(r) * len(span_ids),), 1.0 / (len(r) * len(span_ids)), device="cpu"))
-        offset += len(times)
-    if not rows:
+    time embedding added it also pulled the clock toward the words (held-out mean tIoU 0.80 -> 0.71).
+    plan: a layout.Plan holding this batch's triples on the device (plan_triples); made here when None."""
+    if plan is None or "ground" not in plan.meta:
+        plan = plan_triples(Plan(), model.tok, [host_view(b) for b in blocks], spans_per_clip).to_device(model.device)
+    if not plan.meta["ground"]:
         return torch.zeros((), device=model.device)
-    used, row = torch.unique(torch.cat(rows), return_inverse=True)
-    logp = torch.log_softmax(model.decoder.logits(model.decoder.norm(tokens[used.to(model.device)])).float(), -1)
-    picked = logp[row.to(model.device), torch.cat(ids).to(model.device)]
-    return -(torch.cat(w).to(model.device) * picked).sum() / len(rows)
+    d = plan.dev
+    logp = torch.log_softmax(model.decoder.logits(model.decoder.norm(flat_tokens(blocks)[d["ground.used"]])).float(), -1)
+    picked = logp[d["ground.row"], d["ground.ids"]]
+    return -(d["ground.w"] * picked).sum() / plan.meta["ground"]

@@ -16,6 +16,7 @@ Audio token times are the *start* of their window; frame times are the frames' t
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +55,10 @@ class FrameAligner(nn.Module):
     def forward(self, x):
         return self.net(x), torch.arange(len(x), device=x.device).float() / self.frames_per_second
 
+    def host_times(self, n_frames):
+        """The times forward() gives n_frames frames, as a float32 numpy array (the same float32 arithmetic)."""
+        return np.arange(n_frames, dtype=np.float32) / np.float32(self.frames_per_second)
+
 
 class WindowQFormer(nn.Module):
     """video-SALMONN 2 window-level Q-Former (one cross-attention layer; the paper's is a BERT-style
@@ -85,12 +90,23 @@ class WindowQFormer(nn.Module):
         key_pad = torch.zeros(nw, W, dtype=torch.bool, device=x.device)
         if pad:
             key_pad[-1, W - pad:] = True  # True = ignore (nn.MultiheadAttention's convention)
+        times = (torch.arange(nw, device=x.device) * self.seconds_per_window).repeat_interleave(self.n_queries)
+        return self.attend(windows, key_pad), times.float()
+
+    def attend(self, windows, key_pad):
+        """windows (nw, W, d_in), key_pad (nw, W) True on padding -> tokens (nw * n_queries, d_out). The windows
+        may come from many clips and segments at once (model.av_block gathers them all into one call)."""
+        nw, _, D = windows.shape
         q = self.queries.expand(nw, -1, -1)
         kv = self.norm_kv(windows)
         h = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=key_pad, need_weights=False)[0]
         h = h + self.mlp(self.norm_mlp(h))
-        times = (torch.arange(nw, device=x.device) * self.seconds_per_window).repeat_interleave(self.n_queries)
-        return self.out(h.reshape(nw * self.n_queries, D)), times.float()
+        return self.out(h.reshape(nw * self.n_queries, D))
+
+    def host_times(self, n_frames):
+        """The times forward() gives n_frames frames, as a float32 numpy array (the same float32 arithmetic)."""
+        t = np.arange(self.n_windows(n_frames), dtype=np.float32) * np.float32(self.seconds_per_window)
+        return np.repeat(t, self.n_queries)
 
 
 class SegmentEmbedding(nn.Module):
@@ -142,75 +158,137 @@ def _out(parts, device):
     return tokens, times, modality
 
 
+# ------------------------------------------------------------------------------------- orders, on the host
+# An order is an index into the stack [visual tokens frame by frame (n * t); audio tokens (l)]: the block is
+# one gather of that stack, its times and modality the same gather of theirs. concat, per_frame and avti
+# need only the counts, chunked also the times: all known on the host before anything is encoded, so
+# model.av_block computes every clip's order with numpy and copies it to the device once per batch.
+def nearest_index(l, n):
+    """Nearest-neighbour resampling of l tokens to exactly n: the source of each, floor(i * l / n) in float32."""
+    if l == n:
+        return np.arange(n)
+    return np.minimum(np.floor((np.arange(n) * l).astype(np.float32) / np.float32(max(n, 1))).astype(np.int64), l - 1)
+
+
+def concat_order(n_frames, tokens_per_frame, n_audio):
+    """Baseline: every visual token (frame by frame), then every audio token."""
+    return np.arange(n_frames * tokens_per_frame + n_audio)
+
+
+def per_frame_order(n_frames, tokens_per_frame, n_audio):
+    """video-SALMONN 2 eqs. 6-8: H = concat_i(V_i, A[l*i/n : l*(i+1)/n]) for frames i = 0..n-1.
+    When l is not a multiple of n the audio is first resampled (nearest) up to n * ceil(l / n)
+    tokens, so every frame gets the same number of audio tokens and none is dropped."""
+    n_v = n_frames * tokens_per_frame
+    if n_frames == 0:
+        return np.arange(n_audio)
+    per = math.ceil(n_audio / n_frames)
+    audio = n_v + nearest_index(n_audio, per * n_frames)
+    return np.concatenate([np.arange(n_v).reshape(n_frames, tokens_per_frame), audio.reshape(n_frames, per)], 1).ravel()
+
+
+def avti_order(n_frames, tokens_per_frame, n_audio, air=0.25):
+    """AVicuna's AVTI. With n_v visual tokens the sequence has N = round(n_v / (1 - AIR)) slots, of
+    which n_a = N - n_v (= round(N * AIR) up to rounding) are audio: the audio is resampled (nearest,
+    in time order) to n_a tokens. With k = round(n_v / (n_a + 1)), audio takes slots 0, k+1,
+    2(k+1), ... (every (k+1)-th slot) while audio lasts; visual tokens fill the other slots in order
+    (and audio the slots left once the visual tokens run out).
+    AIR 0.25 with n_v = 30: N = 40, n_a = 10, k = 3 -> [A V V V] x 10."""
+    n_v = n_frames * tokens_per_frame
+    if n_v == 0:  # audio-only clip: nothing to interleave with
+        return np.arange(n_audio)
+    n_a = round(n_v / (1.0 - air)) - n_v if n_audio else 0
+    k = round(n_v / (n_a + 1))
+    regular = np.arange(n_v + n_a) % (k + 1) == 0
+    is_audio = regular & (np.cumsum(regular) <= n_a)  # every (k+1)-th slot while audio lasts
+    is_audio |= np.cumsum(~is_audio) - ~is_audio >= n_v  # visual ran out: audio fills the rest
+    order = np.empty(n_v + n_a, dtype=np.int64)
+    order[is_audio] = n_v + nearest_index(n_audio, n_a)
+    order[~is_audio] = np.arange(n_v)
+    return order
+
+
+def chunked_order(frame_times, tokens_per_frame, audio_times, chunk_seconds=2.0):
+    """Qwen2.5-Omni time-chunked order: for each chunk [c*s, (c+1)*s), the visual tokens of the frames
+    inside it, then the audio tokens inside it (times >= 0); empty chunks contribute nothing. One
+    stable sort on 2 * chunk + modality. frame_times (n,), audio_times (l,): float32 arrays."""
+    times = np.concatenate([np.repeat(frame_times, tokens_per_frame), audio_times])
+    chunk = np.floor(times / np.float32(chunk_seconds)).astype(np.int64)
+    return np.argsort(2 * chunk + (np.arange(len(times)) >= len(frame_times) * tokens_per_frame), kind="stable")
+
+
+def omni_chunked_order(grid_thw, second_per_grid, n_audio, rope_cfg):
+    """Qwen2.5-Omni's exact variant of chunked_order (its processor's audio-in-video layout, used by omni.py) for one
+    video, grid_thw (t, h, w) in patches, and its own audio (25 tokens / s). The differences: chunks are cut on
+    temporal *position ids*, not timestamps (temporal patch k has id floor(k * second_per_grid * 25), audio token i id
+    i; a chunk ends where an id reaches the next multiple of 50), and a video chunk's tokens are all merged tokens of
+    its temporal patches (grid order: patch, row, column). Video chunk j, then audio chunk j; the stream that lasts
+    longer goes on alone. The cuts are omni_rope.av_chunks, the rule the TMRoPE ids are built on, so layout and
+    positions cannot disagree. Returns the index into [video tokens; audio tokens]."""
+    from .omni_rope import av_chunks
+    t, h, w = grid_thw
+    n_v = t * h * w // rope_cfg.merge ** 2
+    spans = av_chunks(grid_thw, second_per_grid, n_audio, rope_cfg)
+    return np.concatenate([np.arange(s, e) + (n_v if kind == "audio" else 0) for kind, s, e in spans] or [np.zeros(0, np.int64)])
+
+
+def order(kind, frame_times, tokens_per_frame, audio_times, air=0.25, chunk_seconds=2.0):
+    """One clip's block on the host: (index into [visual; audio], times float32, modality int64), from
+    frame_times (n,) and audio_times (l,) as float32 arrays. None for a kind with no host order."""
+    n, l = len(frame_times), len(audio_times)
+    if kind == "concat":
+        idx = concat_order(n, tokens_per_frame, l)
+    elif kind == "per_frame":
+        idx = per_frame_order(n, tokens_per_frame, l)
+    elif kind == "avti":
+        idx = avti_order(n, tokens_per_frame, l, air)
+    elif kind == "chunked":
+        idx = chunked_order(frame_times, tokens_per_frame, audio_times, chunk_seconds)
+    else:
+        return None
+    n_v = n * tokens_per_frame
+    times = np.concatenate([np.repeat(frame_times, tokens_per_frame), audio_times]).astype(np.float32)
+    return idx, times[idx], (idx >= n_v).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------- orders, on tensors
+def _gather(visual, frame_times, audio, audio_times, idx):
+    """Apply a host order to one clip's tensors: one gather of tokens, times and modality."""
+    v, vt, _ = _flat_visual(visual, frame_times)
+    i = torch.tensor(idx.tolist(), dtype=torch.long, device=v.device)
+    return torch.cat([v, audio])[i], torch.cat([vt, audio_times.float()])[i], (i >= len(v)).long()
+
+
 def concat(visual, frame_times, audio, audio_times):
     """Baseline: every visual token (frame by frame), then every audio token."""
-    v, vt, _ = _flat_visual(visual, frame_times)
-    return _out([(v, vt, VISUAL), (audio, audio_times.float(), AUDIO)], visual.device)
+    return _gather(visual, frame_times, audio, audio_times, concat_order(*visual.shape[:2], len(audio)))
 
 
 def resample_nearest(x, times, n):
     """Nearest-neighbour resampling of a token sequence (and its times) to exactly n tokens."""
     if len(x) == n:
         return x, times
-    idx = (torch.arange(n, device=x.device) * len(x) / max(n, 1)).floor().long().clamp(max=len(x) - 1)
+    idx = torch.tensor(nearest_index(len(x), n).tolist(), dtype=torch.long, device=x.device)
     return x[idx], times[idx]
 
 
 def per_frame(visual, frame_times, audio, audio_times):
-    """video-SALMONN 2 eqs. 6-8: H = concat_i(V_i, A[l*i/n : l*(i+1)/n]) for frames i = 0..n-1.
-    When l is not a multiple of n the audio is first resampled (nearest) up to n * ceil(l / n)
-    tokens, so every frame gets the same number of audio tokens and none is dropped."""
-    n = visual.shape[0]
-    if n == 0:
-        return _out([(audio, audio_times.float(), AUDIO)], audio.device)
-    l = len(audio)
-    per = math.ceil(l / n)
-    audio, audio_times = resample_nearest(audio, audio_times.float(), per * n)
-    parts = []
-    for i in range(n):
-        parts.append((visual[i], frame_times[i:i + 1].float().expand(visual.shape[1]).to(visual.device), VISUAL))
-        parts.append((audio[i * per:(i + 1) * per], audio_times[i * per:(i + 1) * per], AUDIO))
-    return _out(parts, visual.device)
+    """per_frame_order applied to tensors (video-SALMONN 2 eqs. 6-8)."""
+    return _gather(visual, frame_times, audio, audio_times, per_frame_order(*visual.shape[:2], len(audio)))
 
 
 def avti(visual, frame_times, audio, audio_times, air=0.25):
-    """AVicuna's AVTI. With n_v visual tokens the sequence has N = round(n_v / (1 - AIR)) slots, of
-    which n_a = N - n_v (= round(N * AIR) up to rounding) are audio: the audio is resampled (nearest,
-    in time order) to n_a tokens. With k = round(n_v / (n_a + 1)), audio takes slots 0, k+1,
-    2(k+1), ... (every (k+1)-th slot) while audio lasts; visual tokens fill the other slots in order.
-    AIR 0.25 with n_v = 30: N = 40, n_a = 10, k = 3 -> [A V V V] x 10."""
-    v, vt, _ = _flat_visual(visual, frame_times)
-    n_v = len(v)
-    if n_v == 0:  # audio-only clip: nothing to interleave with
-        return _out([(audio, audio_times.float(), AUDIO)], audio.device)
-    N = round(n_v / (1.0 - air))
-    n_a = N - n_v if len(audio) else 0
-    a, at = resample_nearest(audio, audio_times.float(), n_a) if n_a else (audio[:0], audio_times[:0].float())
-    k = round(n_v / (n_a + 1))
-    parts, ia, iv = [], 0, 0
-    for slot in range(n_v + n_a):
-        take_audio = ia < n_a and (slot % (k + 1) == 0 or iv >= n_v)
-        if take_audio:
-            parts.append((a[ia:ia + 1], at[ia:ia + 1], AUDIO))
-            ia += 1
-        else:
-            parts.append((v[iv:iv + 1], vt[iv:iv + 1], VISUAL))
-            iv += 1
-    return _out(parts, visual.device)
+    """avti_order applied to tensors (AVicuna's AVTI)."""
+    return _gather(visual, frame_times, audio, audio_times, avti_order(*visual.shape[:2], len(audio), air))
 
 
 def chunked(visual, frame_times, audio, audio_times, chunk_seconds=2.0):
-    """Qwen2.5-Omni time-chunked order: for each chunk [c*s, (c+1)*s), the visual tokens of the frames
-    inside it, then the audio tokens inside it. Empty chunks contribute nothing."""
+    """chunked_order on the device (a stable sort of the times' chunk keys, no host round trip)."""
     v, vt, _ = _flat_visual(visual, frame_times)
-    at = audio_times.float()
-    vc, ac = (vt / chunk_seconds).floor().long(), (at / chunk_seconds).floor().long()
-    last = int(max(vc.max().item() if len(vc) else 0, ac.max().item() if len(ac) else 0))
-    parts = []
-    for c in range(last + 1):
-        parts.append((v[vc == c], vt[vc == c], VISUAL))
-        parts.append((audio[ac == c], at[ac == c], AUDIO))
-    return _out(parts, visual.device if len(v) else audio.device)
+    times = torch.cat([vt, audio_times.to(vt.device).float()])
+    key = 2 * (times / chunk_seconds).floor().long() + (torch.arange(len(times), device=times.device) >= len(vt))
+    i = torch.argsort(key, stable=True)
+    return torch.cat([v, audio])[i], times[i], (i >= len(v)).long()
 
 
 def time_positions(times, start, ids_per_second=25):

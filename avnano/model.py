@@ -20,16 +20,17 @@ identity of whatever moved survives the merge (a change of the merged token woul
 """
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import grounding, lora, masks
-from .audio import HOP, SAMPLE_RATE, AudioConfig, AudioEncoder, log_mel
+from . import grounding, layout, lora, masks
+from .audio import AudioConfig, AudioEncoder, MelSegments, mel_segments
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
-from .interleave import SegmentEmbedding, TimeEmbedding, interleave, make_aligner, make_audio_aligner
-from .layout import assemble, attention_mask
+from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, make_aligner, make_audio_aligner
+from .layout import Plan, assemble, attention_mask
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
 from .vit import ViT, ViTConfig, preprocess
@@ -62,7 +63,9 @@ class AVConfig:
     ot_eps: float = 0.1
     ot_iters: int = 50
     ground_weight: float = 0.0       # weight of the grounding loss (0 = off; see grounding.loss)
-    word_dropout: float = 0.0        # training: blank this share of the caption's input tokens (see forward)
+    word_dropout: float = 0.0        # training: blank this share of the caption's input tokens (see hidden_states)
+    word_swap: float = 0.0           # training: feed this share of the caption's swap words as a random one (see hidden_states)
+    swap_words: tuple = ("red", "green", "blue", "yellow")  # words exchanged with each other by word_swap
     lora_r: int = 0                  # > 0 wraps lora_targets of the decoder with LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -76,7 +79,7 @@ class AVConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown AVConfig fields {unknown}")
-        kw = {k: (sub[k](**v) if k in sub else tuple(v) if k == "lora_targets" else v) for k, v in d.items()}
+        kw = {k: (sub[k](**v) if k in sub else tuple(v) if k in ("lora_targets", "swap_words") else v) for k, v in d.items()}
         return cls(**kw)
 
 
@@ -90,6 +93,12 @@ PRESETS = {
     "small": dict(vit=dict(family="siglip", image_size=64, patch_size=8, dim=192, n_layers=4, n_heads=6, hidden_dim=768, merge=2),
                   audio=dict(n_mels=80, dim=192, n_layers=4, n_heads=6, hidden_dim=768, max_positions=1500),
                   decoder=dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, hidden_dim=1024)),
+    # GPU-sized (~180M): a ViT-S/16 at 224 px (2 x 2 merge: 49 tokens per frame), a Whisper-base-shaped audio encoder
+    # (50 tokens/s before the Q-Former), a SmolLM2-135M-shaped decoder; step time and memory in the README
+    "gpu": dict(vit=dict(family="siglip", image_size=224, patch_size=16, dim=384, n_layers=12, n_heads=6, hidden_dim=1536,
+                         merge=2),
+                audio=dict(n_mels=80, dim=512, n_layers=6, n_heads=8, hidden_dim=2048, max_positions=1500),
+                decoder=dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, rope_theta=100000.0)),
 }
 
 
@@ -119,60 +128,99 @@ class AVCaptioner(nn.Module):
         if cfg.lora_r > 0:
             lora.inject(self.decoder, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.av_id = tok.token_id(AV)
+        swap = [i for w in cfg.swap_words if len(i := tok.encode(" " + w)) == 1]  # words that are one token
+        self.register_buffer("swap_ids", torch.tensor(swap, dtype=torch.long).flatten(), persistent=False)
 
     # ----------------------------------------------------------------------------------- encoders
-    def encode_visual(self, frames_list):
-        """[uint8 (n_i, H, W, 3)] -> [(n_i, tokens_per_frame, D)] through the ViT and the aligner."""
+    def encode_visual(self, frames_list, prev=None, split=True):
+        """[uint8 (n_i, H, W, 3)] -> [(n_i, tokens_per_frame, D)] through the ViT and the aligner, all frames in one batch
+        (split=False: one (sum n_i, tokens_per_frame, D) tensor). prev (visual_delta): each frame's predecessor in the
+        batch (layout.predecessors) on the device; made here when None."""
         counts = [len(f) for f in frames_list]
         if sum(counts) == 0 or "v" not in self.cfg.modalities:
-            return [torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device) for _ in counts]
+            x = torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device)
+            return [x] * len(counts) if split else x
         pixels = preprocess(torch.cat([f for f in frames_list if len(f)]).to(self.device), self.cfg.vit)
         h = self.vit.patches(pixels.to(self.dtype))
         x = self.vit.merge(h)
         if self.cfg.visual_delta:  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
-            d = torch.cat([f - torch.cat([f[:1], f[:-1]]) for f in h.split([c for c in counts if c])])
+            d = h - h[torch.as_tensor(layout.predecessors(counts), device=self.device) if prev is None else prev]
             x = torch.cat([x, self.vit.merge(d), self.vit.merge(-d)], -1)
-        return list(self.visual_aligner(x).split(counts))
+        x = self.visual_aligner(x)
+        return list(x.split(counts)) if split else x
 
     def encode_audio(self, audio_list):
-        """[float (samples_i,)] at 16 kHz -> [(tokens (l_i, D), start times (l_i,))]. Audio longer than
-        the encoder's t_max is cut into segments, encoded in one padded batch, each segment trimmed to
-        its own length, aligned (tokens + their times), offset in time and given its segment embedding."""
-        D, acfg = self.cfg.decoder.dim, self.cfg.audio
+        """[float (samples_i,)] at 16 kHz, or [audio.MelSegments] (log-mel already computed, e.g. by a data
+        worker) -> [(tokens (l_i, D), start times (l_i,))]. Audio longer than the encoder's t_max is cut into
+        segments (audio.mel_segments), encoded in one padded batch, each segment trimmed to its own length,
+        aligned (tokens + their times), offset in time and given its segment embedding."""
+        D = self.cfg.decoder.dim
         if "a" not in self.cfg.modalities:
             return [(torch.zeros(0, D, device=self.device), torch.zeros(0, device=self.device)) for _ in audio_list]
-        seg_samples = int(acfg.max_seconds * SAMPLE_RATE)
-        pieces = [(c, s, wav[start:start + seg_samples])  # (clip, segment, waveform)
-                  for c, wav in enumerate(audio_list) for s, start in enumerate(range(0, max(len(wav), 1), seg_samples))]
-        mels = [log_mel(w.float(), acfg.n_mels, acfg.exact, acfg.max_seconds)[0] for _, _, w in pieces]
-        lengths = [max(1, acfg.n_tokens(len(w) // HOP)) for _, _, w in pieces]  # encoder tokens of real audio
+        plan = layout.plan_av(Plan(), self, [[]] * len(audio_list), [[]] * len(audio_list), audio_list).to_device(self.device)
+        n = plan.meta["audio"]
+        return list(zip(self._audio(audio_list, plan).split(n), plan.dev["au.times"].split(n)))
+
+    def _audio(self, audio_list, plan):
+        """All clips' audio tokens, clip by clip (sum l_i, D): the encoder runs on one padded batch of segments,
+        the aligner once on every segment's windows (plan: layout.plan_av on the device says which rows)."""
+        D, acfg, d = self.cfg.decoder.dim, self.cfg.audio, plan.dev
+        if "a" not in self.cfg.modalities or not audio_list:
+            return torch.zeros(0, D, device=self.device)
+        feats = [a if isinstance(a, MelSegments) else mel_segments(a, acfg) for a in audio_list]
+        mels = [m for f in feats for m in f.mels]
         T = max(m.shape[-1] for m in mels)
-        mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
+        if all(m.device.type == "cpu" for m in mels):  # padded on the host, one pinned copy
+            mel = np.zeros((len(mels), mels[0].shape[0], T), dtype=np.float32)
+            for i, m in enumerate(mels):
+                mel[i, :, :m.shape[-1]] = m.numpy()
+            mel = layout.to_device({"mel": mel}, self.device)["mel"].to(self.dtype)
+        else:
+            mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
         # native mode hides the batch padding from every clip; exact mode attends over its 30 s as Whisper was trained
         hidden = self.audio(mel, None if acfg.exact else [m.shape[-1] for m in mels])
-        out = [[] for _ in audio_list]
-        for (c, s, _), h, n in zip(pieces, hidden, lengths):
-            tokens, times = self.audio_aligner(h[:n])
-            out[c].append((self.segment_embed(tokens, s), times + s * acfg.max_seconds))
-        return [(torch.cat([t for t, _ in o]), torch.cat([x for _, x in o])) for o in out]
+        rows = hidden[d["au.piece"], d["au.frame"]]  # each segment trimmed to its own length, cut into windows
+        if isinstance(self.audio_aligner, WindowQFormer):
+            tokens = self.audio_aligner.attend(rows.masked_fill(d["au.pad"][..., None], 0.0), d["au.pad"])
+        else:
+            tokens = self.audio_aligner.net(rows)
+        if plan.meta["au.later_segments"]:  # segment s > 0 adds its embedding (SegmentEmbedding), segment 0 nothing
+            table = self.segment_embed.table
+            tokens = tokens + torch.cat([torch.zeros_like(table[:1]), table[1:]])[d["au.segment"]]
+        return tokens
 
-    def av_block(self, frames_list, frame_times_list, audio_list):
-        """Per clip: interleaved content tokens (N, D), their times (N,) and modality (N,); and the OT
-        loss (0 if off). The clock (time embedding) is added later, by layout.assemble."""
-        visual = self.encode_visual(frames_list)
-        audio = self.encode_audio(audio_list)
-        blocks, ot_terms = [], []
-        for v, ft, (a, at) in zip(visual, frame_times_list, audio):
-            if len(v) and len(a) and (self.cfg.ot_weight > 0 or self.cfg.ot_fusion):
-                flat = v.reshape(-1, v.shape[-1])
-                if self.cfg.ot_weight > 0:
-                    ot_terms.append(ot_loss(flat, a, self.cfg.ot_eps, self.cfg.ot_iters))
-                if self.cfg.ot_fusion:
-                    flat, a = ot_fuse(flat, a, self.cfg.ot_eps, self.cfg.ot_iters)
-                    v = flat.view_as(v)
-            blocks.append(interleave(self.cfg.interleave, v, ft.to(self.device), a, at, self.cfg.air, self.cfg.chunk_seconds))
-        ot = torch.stack(ot_terms).mean() if ot_terms else torch.zeros((), device=self.device)
+    def av_block(self, frames_list, frame_times_list, audio_list, plan=None):
+        """Per clip: interleaved content tokens (N, D), their times (N,) and modality (N,) (a layout.Block,
+        which also carries the times on the host); and the OT loss (0 if off). The clock (time embedding) is
+        added later, by layout.assemble. plan: this batch's layout.plan_av on the device (made here when None):
+        every clip's order is one index into [all visual tokens; all audio tokens], applied by one gather."""
+        if plan is None or "av" not in plan.meta:
+            plan = layout.plan_av(Plan(), self, frames_list, frame_times_list, audio_list).to_device(self.device)
+        d = plan.dev
+        v, a = self.encode_visual(frames_list, d.get("av.prev"), split=False).flatten(0, 1), self._audio(audio_list, plan)
+        ot = torch.zeros((), device=self.device)
+        if self.cfg.ot_weight > 0 or self.cfg.ot_fusion:
+            v, a, ot = self._ot(v, a, plan.meta)
+        tokens = (torch.cat([v, a]) if len(v) and len(a) else v if len(v) else a)[d["av.index"]]
+        n = plan.meta["av_counts"]
+        blocks = layout.Blocks(layout.Block(*parts, host) for *parts, host in
+                               zip(tokens.split(n), d["av.times"].split(n), d["av.modality"].split(n), plan.meta["av_host"]))
+        blocks.tokens = tokens
         return blocks, ot
+
+    def _ot(self, v, a, meta):
+        """LAVCap per clip: the OT loss (mean over clips with both streams) and, with ot_fusion, the fused tokens."""
+        vs, as_ = v.split([n * self.cfg.vit.tokens_per_frame for n in meta["frames"]]), a.split(meta["audio"])
+        terms, vo, ao = [], [], []
+        for vc, ac in zip(vs, as_):
+            if len(vc) and len(ac):
+                if self.cfg.ot_weight > 0:
+                    terms.append(ot_loss(vc, ac, self.cfg.ot_eps, self.cfg.ot_iters))
+                if self.cfg.ot_fusion:
+                    vc, ac = ot_fuse(vc, ac, self.cfg.ot_eps, self.cfg.ot_iters)
+            vo.append(vc), ao.append(ac)
+        ot = torch.stack(terms).mean() if terms else torch.zeros((), device=self.device)
+        return torch.cat(vo), torch.cat(ao), ot
 
     # ----------------------------------------------------------------------------------- training / scoring / sampling
     def render(self, caption=None, prompt=None):
@@ -185,33 +233,50 @@ class AVCaptioner(nn.Module):
         ids, mask = self.render(caption)
         return [i for i, m in zip(ids, mask) if m]
 
-    def hidden_states(self, blocks, ids, loss_masks=None, word_dropout=0.0):
+    def hidden_states(self, blocks, ids, loss_masks=None, word_dropout=0.0, plan=None, word_swap=0.0):
         """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels.
         word_dropout (departure, ours; word dropout as in Bowman et al. 2016): each caption token is blanked as
         an *input* (a zero embedding; its label stays) with this probability, so the next word has to come
-        from the AV block rather than from the words before it (e.g. the shape from the colour just written)."""
-        x = assemble(self, blocks, ids, loss_masks)
+        from the AV block rather than from the words before it (e.g. the shape from the colour just written).
+        word_swap (departure, ours): each caption token that is one of cfg.swap_words (the colours) is fed as a
+        random one of them with this probability; its label stays. Training never shows a red triangle, and
+        a decoder that reads its own colour word learns "red -> circle or square": teacher-forced after the
+        true colour it named the shape of no unseen pair (0 of 40), after a colour seen with every shape 53 %.
+        plan: a layout.Plan already holding this layout on the device (layout.plan_rows)."""
+        x = assemble(self, blocks, ids, loss_masks, plan=plan)
         if word_dropout > 0:
             caption = torch.zeros_like(x.valid)
             caption[:, 1:] = x.labels[:, :-1] != -100  # token t is a caption token when position t-1 predicts it
             drop = caption & (torch.rand(caption.shape, device=caption.device) < word_dropout)
             x = x._replace(embeds=x.embeds.masked_fill(drop[..., None], 0.0))
-        h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid),
+        if word_swap > 0 and len(self.swap_ids):
+            fed = F.pad(x.labels[:, :-1], (1, 0), value=-100)  # the caption token fed at t (-100 elsewhere)
+            hit = torch.isin(fed, self.swap_ids) & (torch.rand(fed.shape, device=fed.device) < word_swap)
+            new = self.swap_ids[torch.randint(len(self.swap_ids), fed.shape, device=fed.device)]
+            x = x._replace(embeds=torch.where(hit[..., None], self.decoder.embed(new).to(x.embeds.dtype), x.embeds))
+        h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid, x.right_padded),
                          return_hidden=True)
         return h, x
 
     def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False, ground=None):
         """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens, n_seq).
-        ground: per clip, grounding.spans() of its events (used when cfg.ground_weight > 0)."""
-        blocks, ot = self.av_block(frames, frame_times, audio)
-        g = grounding.loss(self, blocks, ground) if ground is not None and self.cfg.ground_weight > 0 \
-            else torch.zeros((), device=self.device)
-        h, x = self.hidden_states(blocks, ids, loss_mask, self.cfg.word_dropout if self.training else 0.0)
-        sel = x.labels != -100
-        logits = self.decoder.logits(h[sel]).float()
-        ce = F.cross_entropy(logits, x.labels[sel], label_smoothing=self.cfg.label_smoothing)
+        ground: per clip, grounding.spans() of its events (used when cfg.ground_weight > 0). The whole
+        batch's layout (interleave order, rows, labels, grounding triples) is planned on the host first and
+        copied once; n_tokens and n_seq are host ints, so the step never waits on the device."""
+        ground = ground if ground is not None and self.cfg.ground_weight > 0 else None
+        plan = layout.plan_av(Plan(), self, frames, frame_times, audio)
+        layout.plan_rows(plan, self, [t for t, _ in plan.meta["av_host"]], ids, loss_mask)
+        if ground is not None:
+            grounding.plan_triples(plan, self.tok, plan.meta["av_host"], ground)
+        plan.to_device(self.device)
+        blocks, ot = self.av_block(frames, frame_times, audio, plan)
+        g = grounding.loss(self, blocks, ground, plan) if ground is not None else torch.zeros((), device=self.device)
+        h, x = self.hidden_states(blocks, ids, loss_mask, self.cfg.word_dropout if self.training else 0.0, plan,
+                                  self.cfg.word_swap if self.training else 0.0)
+        logits = self.decoder.logits(h.flatten(0, 1)[x.label_index]).float()
+        ce = F.cross_entropy(logits, x.label_targets, label_smoothing=self.cfg.label_smoothing)
         out = dict(loss=ce + self.cfg.ot_weight * ot + self.cfg.ground_weight * g, ce=ce, ot=ot, ground=g,
-                   n_tokens=int(sel.sum()), n_seq=int(x.valid.sum()))
+                   n_tokens=len(x.label_targets), n_seq=sum(len(i) - 1 + len(b[0]) for i, b in zip(ids, blocks)))
         if return_hidden:
             out.update(hidden=h, is_av=x.is_av)
         return out
@@ -224,14 +289,16 @@ class AVCaptioner(nn.Module):
         prompt_ids = self.render(prompt=prompt)[0]
         ids = [prompt_ids + list(c) for c in completions]
         loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
-        h, x = self.hidden_states(blocks, ids, loss_masks)
-        sel = x.labels != -100  # row by row, in order: exactly the completion tokens
-        logp = torch.log_softmax(self.decoder.logits(h[sel]).float() / temperature, -1).gather(-1, x.labels[sel][:, None])[:, 0]
-        lengths = torch.tensor([len(c) for c in completions], device=self.device)
-        mask = torch.arange(int(lengths.max()), device=self.device)[None] < lengths[:, None]
-        out = torch.zeros(mask.shape, device=self.device)
-        out[mask] = logp
-        return out, mask.float()
+        lengths = [len(c) for c in completions]
+        T = max(lengths)
+        plan = layout.plan_rows(Plan(), self, [layout.host_view(b)[0] for b in blocks], ids, loss_masks)
+        plan.host["lp.index"] = np.concatenate([b * T + np.arange(n) for b, n in enumerate(lengths)])
+        plan.host["lp.mask"] = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+        h, x = self.hidden_states(blocks, ids, loss_masks, plan=plan.to_device(self.device))
+        # the labelled positions, row by row, in order: exactly the completion tokens
+        logp = torch.log_softmax(self.decoder.logits(h.flatten(0, 1)[x.label_index]).float() / temperature, -1)
+        logp = logp.gather(-1, x.label_targets[:, None])[:, 0]
+        return logp.new_zeros(len(lengths) * T).index_copy(0, plan.dev["lp.index"], logp).view(len(lengths), T), plan.dev["lp.mask"]
 
     @torch.no_grad()
     def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, blocks=None, **sampling):

@@ -29,13 +29,16 @@ AV = "<|av|>"  # placeholder the AV model replaces with the interleaved audio-vi
 SPECIALS = [EOT, IM_START, IM_END, "<|pad|>", AV]
 
 
-# a ChatML system turn spelled out in one template string literal: its text is the default system prompt
-DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>""")
+# a ChatML system turn spelled out in one template string literal, or as template text right after a tag (the
+# Qwen2.5-Omni template: `{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful
+# assistant.<|im_end|>`): its text is the default system prompt
+DEFAULT_SYSTEM = re.compile(r"""(?:['"]|%\})<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>""")
 
 
 def read_chat_template(folder, config):
     """(template text, file it came from): the tokenizer_config.json's (dict `config`) "chat_template" (a
-    string, or a list of named templates: "default"), else chat_template.jinja; (None, None) when none."""
+    string, or a list of named templates: "default"), else chat_template.jinja, else chat_template.json; (None, None)
+    when none."""
     t = config.get("chat_template")
     if isinstance(t, list):
         t = next((x.get("template") for x in t if x.get("name") == "default"), None)
@@ -45,6 +48,9 @@ def read_chat_template(folder, config):
     if os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as f:
             return f.read(), jinja
+    as_json = os.path.join(folder, "chat_template.json")  # {"chat_template": "..."} (Qwen2.5-Omni's processor files)
+    if os.path.exists(as_json) and isinstance(t := read_config(as_json).get("chat_template"), str):
+        return t, as_json
     return None, None
 
 

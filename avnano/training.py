@@ -16,14 +16,16 @@ import torch.distributed as dist
 from . import checkpoint, lora, toyworld
 from .data import read_manifest
 from .errors import InputError
+from .omni_load import is_omni
 from .model import PRESETS, AVCaptioner, preset
 from .tokenizer import Tokenizer
+from .weights import read_config
 
 # Flags that name an AVConfig field. --init keeps the checkpoint's architecture (a different value is
 # refused by name); the loss weights are this run's objective, so --init applies them.
 ARCHITECTURE = ("interleave", "air", "chunk_seconds", "time_positions", "time_embed", "mask", "modalities", "ot_fusion", "fps",
                 "max_frames", "visual_aligner", "visual_delta", "audio_aligner", "window", "n_queries")
-LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing", "word_dropout")
+LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing", "word_dropout", "word_swap")
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -62,6 +64,8 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
         g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
         g.add_argument("--word-dropout", type=float, default=0.0, help="share of caption input tokens blanked in "
                        "training, so words come from the AV block, not from the words before (ours)")
+        g.add_argument("--word-swap", type=float, default=0.0, help="share of the caption's colour words fed to the "
+                       "decoder as a random colour in training (labels kept), so the shape is read from the video (ours)")
         g.add_argument("--vit", default=None, help="released SigLIP / CLIP directory (with --audio and --llm: a captioner "
                        "from released towers, fresh aligners, the LLM's tokenizer and chat template)")
         g.add_argument("--audio", default=None, help="released Whisper directory (its encoder half is used)")
@@ -165,6 +169,8 @@ def build_model(args, train_rows, parser):
             except ValueError as e:
                 parser.error(f"--{e} of the {args.preset} preset")
         return AVCaptioner(cfg, tok)
+    if is_omni(read_config(args.init)):  # a released Qwen2.5-Omni thinker, read straight onto the device
+        return released_omni(checkpoint.load_model(args.init, device=args.device), args, parser)
     model = checkpoint.load_model(args.init)
     cfg, ref = model.cfg, preset(args.preset, model.cfg.decoder.vocab_size)
     theirs = {k: getattr(cfg, k) for k in ARCHITECTURE}
@@ -180,6 +186,19 @@ def build_model(args, train_rows, parser):
         setattr(cfg, k, getattr(args, k))
     add_lora(model, args.lora_r, args.lora_alpha)
     return model
+
+
+def released_omni(model, args, parser):
+    """--init with a Qwen2.5-Omni directory (bfloat16 weights on CUDA, float32 on the CPU; LoRA adapters float32): its
+    architecture is the checkpoint's; label smoothing, word dropout and --lora-r apply. An architecture flag or an OT
+    weight is refused by name; the grounding loss (an avnano-model head) is not applied to the thinker."""
+    given = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE + ("preset", "vocab", "merge", "ot_weight")
+             if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
+    if given:
+        raise InputError(args.init, f"a Qwen2.5-Omni thinker keeps its own architecture; cannot apply {', '.join(given)}")
+    model.cfg.label_smoothing, model.cfg.word_dropout = args.label_smoothing, args.word_dropout
+    add_lora(model, args.lora_r, args.lora_alpha)
+    return model.train()
 
 
 def set_grad_checkpointing(model, on=True):

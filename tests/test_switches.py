@@ -245,3 +245,28 @@ def test_word_dropout_blanks_caption_inputs_in_training_only():
         assert torch.equal(model(frames, times, audio, [ids], [mask])["ce"], plain(frames, times, audio, [ids], [mask])["ce"])
         model.train()
         assert not torch.equal(model(frames, times, audio, [ids], [mask])["ce"], plain(frames, times, audio, [ids], [mask])["ce"])
+
+
+def test_word_swap_feeds_random_swap_words_keeps_labels_and_only_trains():
+    model = test_model.tiny(word_swap=1.0, swap_words=("red", "circle"))
+    assert len(model.swap_ids) == 2  # both are single tokens of the test tokenizer
+    frames, times, audio = test_model.batch(seconds=(2.0,))
+    a, mask = model.render("a red circle appears at 0.5 s.")
+    b, _ = model.render("a circle red appears at 0.5 s.")  # the two swap words exchanged
+    first = next(t for t, i in enumerate(a) if i != b[t])
+    blocks = model.av_block(frames, times, audio)[0]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ha, xa = model.hidden_states(blocks, [a], [mask], word_swap=1.0)
+        torch.manual_seed(1)
+        hb, xb = model.hidden_states(blocks, [b], [mask], word_swap=1.0)
+        hc, _ = model.hidden_states(blocks, [a], [mask])
+    assert torch.equal(ha, hb)  # whichever swap word was written, the input is the same random draw
+    assert not torch.equal(xa.labels, xb.labels)  # the labels stay each caption's own
+    n_av = len(blocks[0][0])
+    cut = first + n_av - 1  # positions before the first swap word's input are untouched
+    assert torch.equal(ha[:, :cut], hc[:, :cut]) and not torch.allclose(ha, hc)
+    plain = test_model.tiny().eval()  # the same weights without swapping
+    model.eval()
+    with torch.no_grad():  # evaluation reads the words it has written
+        assert torch.equal(model(frames, times, audio, [a], [mask])["ce"], plain(frames, times, audio, [a], [mask])["ce"])

@@ -4,16 +4,21 @@
     python tools/gpu_check.py --dry-run   # the same plumbing on the CPU with tiny sizes (a few steps)
 
 1. a 100-step SFT of the small preset through the real script (train_sft.py in a subprocess; its key=value
-   step lines give step time, tokens/s and MFU; peak memory is torch.cuda.max_memory_allocated of that process);
+   step lines give step time, tokens/s and MFU, whose FLOPs come from avnano/flops.py's formula; peak memory is
+   torch.cuda.max_memory_allocated of that process); then the same for the gpu preset (~180M, SmolLM2-135M-shaped);
 2. the same for a released shape with random weights (SmolLM2-135M + SigLIP-B/16 + Whisper-base written in
    the released file layout, trained with --vit/--audio/--llm --stage sft --lora-r 16);
 3. CPU fp32 vs CUDA bf16-autocast loss of the small checkpoint of (1) on the same 8 held-out clips (|delta|),
    and its greedy captions on those clips on both (how many are identical);
 4. a --compile round trip: train_sft.py --compile saves a checkpoint, load_model reads it back (every key
-   matched or it raises), and the compiled decoder's loss equals the eager one's.
+   matched or it raises), and the compiled decoder's loss equals the eager one's;
+5. the GPU-busy share of training steps of the small and gpu presets, in this process: torch.profiler's CUDA
+   kernel (and copy) intervals, merged, over the wall time of 5 profiled steps; next to it the MFU (flops.py) of 5
+   unprofiled steps. A share well under 1 means the host (Python, syncs, data) leaves the GPU waiting.
 A failed check is reported in its row and the others still run; the exit status is 1 if any failed.
---dry-run: tiny preset and a tiny released-format shape, 3 steps, CPU; CPU bf16 autocast stands in for CUDA, 24-token
-captions, and --compile is exercised without Inductor (TORCHDYNAMO_DISABLE=1 in the script, the "eager" backend in-process).
+--dry-run: tiny preset (also in the gpu preset's rows) and a tiny released-format shape, 3 steps, CPU; CPU bf16 autocast
+stands in for CUDA, 24-token captions, --compile is exercised without Inductor (TORCHDYNAMO_DISABLE=1 in the script, the
+"eager" backend in-process), and the busy share is the CPU ops' (no GPU to profile; MFU is n/a on a CPU).
 """
 import argparse
 import os
@@ -29,6 +34,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+
+PEAK = 989e12  # H100 / H200 SXM dense bf16 (DESIGN.md section 11): the MFU denominator per GPU
 
 # runs train_sft.py as `python train_sft.py ...` would, then prints the process's peak memory
 WRAPPER = """
@@ -55,17 +62,25 @@ def sft(args, flags, log_name, env=None):
         raise RuntimeError(f"exit {res.returncode}: {tail[-1] if tail else '?'} (log {os.path.join(args.work, log_name)})")
     steps = [dict(kv.split("=", 1) for kv in line.split()) for line in res.stdout.splitlines() if line.startswith("step=")]
     warm = steps[len(steps) // 5:] or steps  # the first fifth warms up (allocator, kernels)
-    med = lambda k: statistics.median(float(s[k]) for s in warm) if warm and k in warm[0] else float("nan")
+    med = lambda k: statistics.median(number(s[k]) for s in warm) if warm and k in warm[0] else float("nan")
     peak = re.search(r"peak_bytes=(\d+) peak_kind=(\w+)", res.stdout)
-    return dict(steps=len(steps), step_s=med("step_s"), tok_s=med("tok/s"), mfu=med("mfu"),
+    return dict(steps=len(steps), step_s=med("step_s"), tok_s=med("tok/s"), mfu=med("mfu"), tflops=med("tflop/s"),
                 loss0=float(steps[0]["loss"]), loss1=float(steps[-1]["loss"]), peak_gb=int(peak.group(1)) / 2 ** 30,
                 peak_kind=peak.group(2), wall=time.perf_counter() - t0)
+
+
+def number(text):
+    """A logged value as a float; nan for a label such as mfu=n/a(cpu)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def sft_row(r):
     mfu = "n/a (CPU)" if r["mfu"] != r["mfu"] else f"{r['mfu']:.3f}"
     return (f"{r['steps']} steps in {r['wall']:.0f} s (with start-up and the final eval): step {r['step_s'] * 1000:.0f} ms, "
-            f"{r['tok_s']:.0f} tok/s, MFU {mfu}, peak {r['peak_gb']:.2f} GB ({r['peak_kind']}), "
+            f"{r['tok_s']:.0f} tok/s, MFU {mfu} (flops.py, {r['tflops']:.2f} TFLOP/s), peak {r['peak_gb']:.2f} GB ({r['peak_kind']}), "
             f"loss {r['loss0']:.3f} -> {r['loss1']:.3f}")
 
 
@@ -156,6 +171,79 @@ def compile_round_trip(args, ckpt, test_rows):
     return f"checkpoint keys all matched; loss eager {eager:.4f}, compiled {compiled:.4f}, abs delta {abs(eager - compiled):.2e}"
 
 
+def busy_intervals(events):
+    """Length of the union of [start, end) intervals (microseconds)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(events):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def busy_share(args, preset_name, batch_size, steps=5):
+    """(busy share of 5 profiled training steps, MFU of 5 unprofiled ones, FLOPs per step) of a preset, in-process,
+    the step as train_sft.py's (forward under autocast, backward, clipping, AdamW). Busy: the merged intervals of
+    the CUDA kernels and copies over the wall time (on the CPU: of the aten ops, a stand-in)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from avnano.data import ClipStore, Loader, mel_config, read_splits
+    from avnano.distributed import autocast
+    from avnano.flops import FlopCounter, mfu
+    from avnano.model import AVCaptioner, preset
+    from avnano.tokenizer import Tokenizer
+    rows, _ = read_splits(args.data)
+    tok = Tokenizer.train([r["caption"] for r in rows] + ["Describe the clip."], vocab_size=512)
+    torch.manual_seed(0)
+    model = AVCaptioner(preset(preset_name, tok.vocab_size), tok).to(args.device).train()
+    cfg, params = model.cfg, [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")
+    store = ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, audio=mel_config(model))
+    loader = Loader(store, batch_size, seed=0, workers=0 if args.dry_run else 8, device=args.device)
+    counter, stream = FlopCounter(model), loader.iterate()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def step():
+        _, _, items = next(stream)
+        ids, masks = zip(*(model.render(r["caption"]) for r, *_ in items))
+        with autocast(args.device):
+            out = model([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return counter.batch(items, ids, masks)
+
+    try:
+        for _ in range(3):  # warm-up: allocator, kernels, the clip cache
+            step()
+        sync()
+        t0 = time.perf_counter()
+        flops = sum(step() for _ in range(steps))
+        sync()
+        util = mfu(flops, time.perf_counter() - t0, PEAK, 1) if args.device == "cuda" else float("nan")
+        kind = DeviceType.CUDA if args.device == "cuda" else DeviceType.CPU
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            wall = time.perf_counter() - t0
+    finally:
+        loader.close()
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == kind]
+    return busy_intervals(spans) / (wall * 1e6), util, flops / steps
+
+
+def busy_row(args, preset_name, batch_size):
+    share, util, flops = busy_share(args, preset_name, batch_size)
+    what = "GPU busy" if args.device == "cuda" else "CPU ops busy (dry run stand-in)"
+    mfu = "n/a (CPU)" if util != util else f"{util:.3f}"
+    return f"{what} {share:.1%} of 5 profiled steps; MFU {mfu} over 5 unprofiled steps ({flops / 1e9:.1f} GFLOP per step, flops.py)"
+
+
 # ----------------------------------------------------------------------------------- main
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +291,12 @@ def main():
     small = check(f"SFT {preset} preset", lambda: sft_row(sft(args, ["--preset", preset, "--batch-size", str(batch_size),
                                                                       "--out", small_out] + common, "sft_small.log")))
     rows.append((f"SFT, {preset} preset, {args.steps} steps, batch {batch_size} (train_sft.py)", small))
+    big, big_batch = ("tiny", 4) if args.dry_run else ("gpu", 16)
+    rows.append((f"SFT, gpu preset{' (tiny in the dry run)' if args.dry_run else ''}, {args.steps} steps, batch {big_batch}",
+                 check("SFT gpu preset", lambda: sft_row(sft(args, ["--preset", big, "--batch-size", str(big_batch), "--workers",
+                                                                      "0" if args.dry_run else "8", "--out",
+                                                                      os.path.join(args.work, "gpu")] + common,
+                                                                "sft_gpu.log")))))
 
     tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=512)
     shapes = released_shape(args, tok)
@@ -234,6 +328,10 @@ def main():
         return compile_round_trip(args, compiled_out, test_rows)
     rows.append(("train_sft.py --compile, save, load_model, eager vs compiled loss", check("--compile round trip",
                                                                                            round_trip)))
+
+    for name, (p_name, b) in {"small": (preset, batch_size), "gpu": (big, big_batch)}.items():
+        rows.append((f"profile: {name} preset{' (tiny in the dry run)' if args.dry_run else ''}, batch {b}, in-process steps",
+                     check(f"profile {name} preset", lambda p_name=p_name, b=b: busy_row(args, p_name, b))))
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "CPU (dry run)"
     rows.append(("machine", f"{name}; torch {torch.__version__}; wall {time.perf_counter() - t_start:.0f} s; logs in {args.work}"))
