@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
+from avnano.augment import blind_views
+from avnano.grammar import COLOURS, SHAPES
 from avnano.data import ClipStore, Loader, mel_config, read_splits
 from avnano.errors import run_main
 from avnano.evaluate import eval_split
@@ -61,6 +63,8 @@ def main():
     g.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train (sft without "
                    "--lora-r: aligners + the whole decoder)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--blind", type=float, default=0.0, help="share of training clips seen colour-blind, and again of "
+                   "clips seen shape-blind, the hidden attribute untrained (avnano/augment.py; for unseen colour-shape pairs)")
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
@@ -97,6 +101,8 @@ def main():
     test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)  # decoded once, evaluated many times
     loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device=device)
     stream = loader.iterate(state["epoch"], state["batch"])
+    gen = torch.Generator().manual_seed(args.seed + 1000 * state["step"])  # host randomness of --blind
+    kinds = [([i[0] for w in words if len(i := model.tok.encode(" " + w)) == 1], words) for words in (COLOURS, SHAPES)]
     flop_counter = (OmniFlopCounter if getattr(model, "omni", False) else FlopCounter)(model)  # after set_trainable
     t_start, step_time = time.perf_counter(), 0.0
     keys = ("loss", "ce", "ot", "ground", "grad_norm", "not_finite")
@@ -119,6 +125,8 @@ def main():
             with ddp.no_sync() if world > 1 and j < len(micro) - 1 else contextlib.nullcontext():
                 with autocast(device):
                     ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
+                    if args.blind:
+                        items, ids, masks, ground = blind_views(items, ids, masks, ground, kinds, args.blind, gen)
                     out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
                 (out["loss"] / len(micro)).backward()  # the mean over the micro-batches that ran
             sums[:4] += torch.stack([out[k].detach().float() for k in keys[:4]]) / len(micro)

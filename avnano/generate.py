@@ -104,7 +104,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, pos
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "avnano", "inductor")
 
 
-def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True, cache_dir=None):
+def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True, cache_dir=None, prepack=True):
     """torch.compile a decoder for sampling only. The static KV cache gives one prefill and one decode
     graph per batch size and dtype. On CPU the three Inductor switches are what make it pay (README:
     1.5-2.1x transformers, against ~1.1x eager): freezing turns the weights into constants prepacked for
@@ -114,7 +114,10 @@ def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True
     for later runs: the FX graph cache (each graph's generated code, keyed by graph, shapes, dtypes and
     settings), the autotuning results and the compiled C++ kernels, under cache_dir (default: the
     TORCHINDUCTOR_CACHE_DIR environment variable, else ~/.cache/avnano/inductor rather than Inductor's /tmp).
-    Tracing and AOTAutograd run again in every process (AOTAutograd's cache refuses frozen graphs)."""
+    Tracing and AOTAutograd run again in every process (AOTAutograd's cache refuses frozen graphs). On CPU, freezing
+    prepacks the weights for oneDNN, and such tensors cannot be pickled: Inductor then bypasses the FX graph cache
+    ("mkldnn tensors unpickleable", torch 2.13) and only the C++ and autotuning caches help; prepack=False keeps
+    plain weights so the whole compiled graph is cached (README: what each choice costs)."""
     import torch._functorch.config
     import torch._inductor.config
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or CACHE_DIR
@@ -125,6 +128,7 @@ def compile_for_sampling(model, freeze=True, max_autotune=True, cpp_wrapper=True
     torch._inductor.config.freezing = freeze
     torch._inductor.config.max_autotune = max_autotune
     torch._inductor.config.cpp_wrapper = cpp_wrapper
+    torch._inductor.config.cpp.weight_prepack = prepack
     return torch.compile(model, dynamic=False)
 
 

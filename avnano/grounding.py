@@ -14,7 +14,7 @@ import torch
 from .audio import SAMPLE_RATE
 from .grammar import sentence
 from .interleave import AUDIO, VISUAL
-from .layout import Plan, flat_tokens, host_view
+from .plan import Plan, flat_tokens, host_view
 from .render import WORD_GAP, word_audio
 
 POINT_WINDOW = 1.0         # seconds of video that show an appearance / disappearance

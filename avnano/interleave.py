@@ -149,15 +149,6 @@ def _flat_visual(visual, frame_times):
     return visual.reshape(n * t, *visual.shape[2:]), frame_times.to(visual.device).float()[frame], frame
 
 
-def _out(parts, device):
-    """parts: list of (tokens, times, modality int) -> concatenated (tokens, times, modality)."""
-    parts = [p for p in parts if len(p[0])]
-    tokens = torch.cat([p[0] for p in parts])
-    times = torch.cat([p[1] for p in parts])
-    modality = torch.cat([torch.full((len(p[0]),), p[2], dtype=torch.long, device=device) for p in parts])
-    return tokens, times, modality
-
-
 # ------------------------------------------------------------------------------------- orders, on the host
 # An order is an index into the stack [visual tokens frame by frame (n * t); audio tokens (l)]: the block is
 # one gather of that stack, its times and modality the same gather of theirs. concat, per_frame and avti
@@ -262,14 +253,6 @@ def _gather(visual, frame_times, audio, audio_times, idx):
 def concat(visual, frame_times, audio, audio_times):
     """Baseline: every visual token (frame by frame), then every audio token."""
     return _gather(visual, frame_times, audio, audio_times, concat_order(*visual.shape[:2], len(audio)))
-
-
-def resample_nearest(x, times, n):
-    """Nearest-neighbour resampling of a token sequence (and its times) to exactly n tokens."""
-    if len(x) == n:
-        return x, times
-    idx = torch.tensor(nearest_index(len(x), n).tolist(), dtype=torch.long, device=x.device)
-    return x[idx], times[idx]
 
 
 def per_frame(visual, frame_times, audio, audio_times):

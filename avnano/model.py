@@ -30,7 +30,8 @@ from .audio import AudioConfig, AudioEncoder, MelSegments, mel_segments
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
 from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, make_aligner, make_audio_aligner
-from .layout import Plan, assemble, attention_mask
+from .layout import assemble, attention_mask
+from .plan import Block, Blocks, Plan, host_view, mel_batch, plan_av, predecessors
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
 from .vit import ViT, ViTConfig, preprocess
@@ -135,7 +136,7 @@ class AVCaptioner(nn.Module):
     def encode_visual(self, frames_list, prev=None, split=True):
         """[uint8 (n_i, H, W, 3)] -> [(n_i, tokens_per_frame, D)] through the ViT and the aligner, all frames in one batch
         (split=False: one (sum n_i, tokens_per_frame, D) tensor). prev (visual_delta): each frame's predecessor in the
-        batch (layout.predecessors) on the device; made here when None."""
+        batch (plan.predecessors) on the device; made here when None."""
         counts = [len(f) for f in frames_list]
         if sum(counts) == 0 or "v" not in self.cfg.modalities:
             x = torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device)
@@ -144,41 +145,26 @@ class AVCaptioner(nn.Module):
         h = self.vit.patches(pixels.to(self.dtype))
         x = self.vit.merge(h)
         if self.cfg.visual_delta:  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
-            d = h - h[torch.as_tensor(layout.predecessors(counts), device=self.device) if prev is None else prev]
+            d = h - h[torch.as_tensor(predecessors(counts), device=self.device) if prev is None else prev]
             x = torch.cat([x, self.vit.merge(d), self.vit.merge(-d)], -1)
         x = self.visual_aligner(x)
         return list(x.split(counts)) if split else x
 
-    def encode_audio(self, audio_list):
-        """[float (samples_i,)] at 16 kHz, or [audio.MelSegments] (log-mel already computed, e.g. by a data
-        worker) -> [(tokens (l_i, D), start times (l_i,))]. Audio longer than the encoder's t_max is cut into
-        segments (audio.mel_segments), encoded in one padded batch, each segment trimmed to its own length,
-        aligned (tokens + their times), offset in time and given its segment embedding."""
-        D = self.cfg.decoder.dim
-        if "a" not in self.cfg.modalities:
-            return [(torch.zeros(0, D, device=self.device), torch.zeros(0, device=self.device)) for _ in audio_list]
-        plan = layout.plan_av(Plan(), self, [[]] * len(audio_list), [[]] * len(audio_list), audio_list).to_device(self.device)
-        n = plan.meta["audio"]
-        return list(zip(self._audio(audio_list, plan).split(n), plan.dev["au.times"].split(n)))
-
-    def _audio(self, audio_list, plan):
-        """All clips' audio tokens, clip by clip (sum l_i, D): the encoder runs on one padded batch of segments,
-        the aligner once on every segment's windows (plan: layout.plan_av on the device says which rows)."""
-        D, acfg, d = self.cfg.decoder.dim, self.cfg.audio, plan.dev
+    def encode_audio(self, audio_list, plan=None, split=True):
+        """[float (samples_i,)] at 16 kHz, or [audio.MelSegments] (log-mel already computed, e.g. by a data worker) ->
+        [(tokens (l_i, D), start times (l_i,))] (split=False: all clips' tokens in one (sum l_i, D) tensor). Audio longer
+        than the encoder's t_max is cut into segments (audio.mel_segments), encoded in one padded batch; the aligner reads
+        each segment's own frames, all windows in one call (plan: plan.plan_av on the device says which rows; made here
+        when None), and segment s > 0 adds its segment embedding."""
+        D, acfg = self.cfg.decoder.dim, self.cfg.audio
         if "a" not in self.cfg.modalities or not audio_list:
-            return torch.zeros(0, D, device=self.device)
-        feats = [a if isinstance(a, MelSegments) else mel_segments(a, acfg) for a in audio_list]
-        mels = [m for f in feats for m in f.mels]
-        T = max(m.shape[-1] for m in mels)
-        if all(m.device.type == "cpu" for m in mels):  # padded on the host, one pinned copy
-            mel = np.zeros((len(mels), mels[0].shape[0], T), dtype=np.float32)
-            for i, m in enumerate(mels):
-                mel[i, :, :m.shape[-1]] = m.numpy()
-            mel = layout.to_device({"mel": mel}, self.device)["mel"].to(self.dtype)
-        else:
-            mel = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(self.device, self.dtype)
+            empty = torch.zeros(0, D, device=self.device)
+            return [(empty, torch.zeros(0, device=self.device)) for _ in audio_list] if split else empty
+        plan = plan or plan_av(Plan(), self, [[]] * len(audio_list), [[]] * len(audio_list), audio_list).to_device(self.device)
+        d = plan.dev
+        mels = [m for a in audio_list for m in (a if isinstance(a, MelSegments) else mel_segments(a, acfg)).mels]
         # native mode hides the batch padding from every clip; exact mode attends over its 30 s as Whisper was trained
-        hidden = self.audio(mel, None if acfg.exact else [m.shape[-1] for m in mels])
+        hidden = self.audio(mel_batch(mels, self.device, self.dtype), None if acfg.exact else [m.shape[-1] for m in mels])
         rows = hidden[d["au.piece"], d["au.frame"]]  # each segment trimmed to its own length, cut into windows
         if isinstance(self.audio_aligner, WindowQFormer):
             tokens = self.audio_aligner.attend(rows.masked_fill(d["au.pad"][..., None], 0.0), d["au.pad"])
@@ -187,40 +173,37 @@ class AVCaptioner(nn.Module):
         if plan.meta["au.later_segments"]:  # segment s > 0 adds its embedding (SegmentEmbedding), segment 0 nothing
             table = self.segment_embed.table
             tokens = tokens + torch.cat([torch.zeros_like(table[:1]), table[1:]])[d["au.segment"]]
-        return tokens
+        return list(zip(tokens.split(plan.meta["audio"]), d["au.times"].split(plan.meta["audio"]))) if split else tokens
 
     def av_block(self, frames_list, frame_times_list, audio_list, plan=None):
-        """Per clip: interleaved content tokens (N, D), their times (N,) and modality (N,) (a layout.Block,
+        """Per clip: interleaved content tokens (N, D), their times (N,) and modality (N,) (a plan.Block,
         which also carries the times on the host); and the OT loss (0 if off). The clock (time embedding) is
-        added later, by layout.assemble. plan: this batch's layout.plan_av on the device (made here when None):
+        added later, by layout.assemble. plan: this batch's plan.plan_av on the device (made here when None):
         every clip's order is one index into [all visual tokens; all audio tokens], applied by one gather."""
         if plan is None or "av" not in plan.meta:
-            plan = layout.plan_av(Plan(), self, frames_list, frame_times_list, audio_list).to_device(self.device)
+            plan = plan_av(Plan(), self, frames_list, frame_times_list, audio_list).to_device(self.device)
         d = plan.dev
-        v, a = self.encode_visual(frames_list, d.get("av.prev"), split=False).flatten(0, 1), self._audio(audio_list, plan)
+        v = self.encode_visual(frames_list, d.get("av.prev"), split=False).flatten(0, 1)
+        a = self.encode_audio(audio_list, plan, split=False)
         ot = torch.zeros((), device=self.device)
         if self.cfg.ot_weight > 0 or self.cfg.ot_fusion:
             v, a, ot = self._ot(v, a, plan.meta)
         tokens = (torch.cat([v, a]) if len(v) and len(a) else v if len(v) else a)[d["av.index"]]
         n = plan.meta["av_counts"]
-        blocks = layout.Blocks(layout.Block(*parts, host) for *parts, host in
-                               zip(tokens.split(n), d["av.times"].split(n), d["av.modality"].split(n), plan.meta["av_host"]))
+        blocks = Blocks(map(Block, tokens.split(n), d["av.times"].split(n), d["av.modality"].split(n), plan.meta["av_host"]))
         blocks.tokens = tokens
         return blocks, ot
 
     def _ot(self, v, a, meta):
         """LAVCap per clip: the OT loss (mean over clips with both streams) and, with ot_fusion, the fused tokens."""
-        vs, as_ = v.split([n * self.cfg.vit.tokens_per_frame for n in meta["frames"]]), a.split(meta["audio"])
-        terms, vo, ao = [], [], []
-        for vc, ac in zip(vs, as_):
+        c, terms = self.cfg, []
+        pairs = list(zip(v.split([n * c.vit.tokens_per_frame for n in meta["frames"]]), a.split(meta["audio"])))
+        for i, (vc, ac) in enumerate(pairs):
             if len(vc) and len(ac):
-                if self.cfg.ot_weight > 0:
-                    terms.append(ot_loss(vc, ac, self.cfg.ot_eps, self.cfg.ot_iters))
-                if self.cfg.ot_fusion:
-                    vc, ac = ot_fuse(vc, ac, self.cfg.ot_eps, self.cfg.ot_iters)
-            vo.append(vc), ao.append(ac)
+                terms += [ot_loss(vc, ac, c.ot_eps, c.ot_iters)] if c.ot_weight > 0 else []
+                pairs[i] = ot_fuse(vc, ac, c.ot_eps, c.ot_iters) if c.ot_fusion else (vc, ac)
         ot = torch.stack(terms).mean() if terms else torch.zeros((), device=self.device)
-        return torch.cat(vo), torch.cat(ao), ot
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), ot
 
     # ----------------------------------------------------------------------------------- training / scoring / sampling
     def render(self, caption=None, prompt=None):
@@ -264,7 +247,7 @@ class AVCaptioner(nn.Module):
         batch's layout (interleave order, rows, labels, grounding triples) is planned on the host first and
         copied once; n_tokens and n_seq are host ints, so the step never waits on the device."""
         ground = ground if ground is not None and self.cfg.ground_weight > 0 else None
-        plan = layout.plan_av(Plan(), self, frames, frame_times, audio)
+        plan = plan_av(Plan(), self, frames, frame_times, audio)
         layout.plan_rows(plan, self, [t for t, _ in plan.meta["av_host"]], ids, loss_mask)
         if ground is not None:
             grounding.plan_triples(plan, self.tok, plan.meta["av_host"], ground)
@@ -291,7 +274,7 @@ class AVCaptioner(nn.Module):
         loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
         lengths = [len(c) for c in completions]
         T = max(lengths)
-        plan = layout.plan_rows(Plan(), self, [layout.host_view(b)[0] for b in blocks], ids, loss_masks)
+        plan = layout.plan_rows(Plan(), self, [host_view(b)[0] for b in blocks], ids, loss_masks)
         plan.host["lp.index"] = np.concatenate([b * T + np.arange(n) for b, n in enumerate(lengths)])
         plan.host["lp.mask"] = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
         h, x = self.hidden_states(blocks, ids, loss_masks, plan=plan.to_device(self.device))

@@ -33,6 +33,11 @@ SKIPPED = ("talker.", "token2wav.")  # speech output: not implemented, never rea
 # rope-config field -> the token text the tokenizer must give that id (checked when loading)
 TOKEN_TEXT = {"image_id": "<|IMAGE|>", "video_id": "<|VIDEO|>", "audio_id": "<|AUDIO|>", "vision_bos_id": "<|vision_bos|>",
               "vision_eos_id": "<|vision_eos|>", "audio_bos_id": "<|audio_bos|>", "audio_eos_id": "<|audio_eos|>"}
+# Qwen2.5-Omni's token ids (its added_tokens.json), for a config that leaves one out (load_omni checks them against
+# tokenizer.json either way)
+RELEASED_IDS = {"image_token_index": 151655, "video_token_index": 151656, "audio_token_index": 151646,
+                "vision_start_token_id": 151652, "vision_end_token_id": 151653, "audio_start_token_id": 151647,
+                "audio_end_token_id": 151648}
 # the processor's video defaults (Qwen2_5OmniProcessor.videos_kwargs): frames resized to 128..768 merged 28 px cells
 MIN_PIXELS, MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
 
@@ -73,6 +78,13 @@ AVNANO_FIELDS = ("fps", "max_frames", "min_pixels", "max_pixels", "prompt", "sys
                  "lora_targets", "label_smoothing", "word_dropout")
 
 
+def released_ids(thinker):
+    """The thinker config with RELEASED_IDS filled in where it names a token under neither spelling (v4 `_index`,
+    v5 `_id`)."""
+    missing = {k: v for k, v in RELEASED_IDS.items() if k not in thinker and k.replace("_index", "_id") not in thinker}
+    return dict(thinker, **missing)
+
+
 def is_omni(raw):
     return raw.get("model_type") in (FULL, THINKER)
 
@@ -96,7 +108,7 @@ def omni_config(path):
     cfg = OmniConfig(decoder=text_config(thinker["text_config"], file),
                      vision=OmniVisionConfig.from_json(thinker["vision_config"], file),
                      audio=OmniAudioConfig.from_json(thinker["audio_config"], file),
-                     rope=OmniRopeConfig.from_config(thinker, file),
+                     rope=OmniRopeConfig.from_config(released_ids(thinker), file),
                      thinker={k: v for k, v in thinker.items() if k != "avnano"})
     video = os.path.join(path, "video_preprocessor_config.json")  # min/max pixels, when the directory says
     if os.path.exists(video):

@@ -10,7 +10,8 @@ in the two implementations, so greedy paths may part where two logits are close:
 --compile wraps avnano's decoder with avnano.generate.compile_for_sampling (the static KV cache gives the decode
 step one shape, so it compiles once per batch size and dtype; the warm-up run pays for it, and the line reports
 that time apart, with the state of Inductor's on-disk cache: "cold" when --cache-dir held nothing before the run).
-Run it twice to see the second run's compile time: the FX graph, autotuning and C++ kernel caches are reused.
+Run it twice to see the second run's compile time: the FX graph, autotuning and C++ kernel caches are reused
+(with --freeze on a CPU the FX graph cache needs --no-prepack: oneDNN-prepacked weights cannot be pickled).
 --freeze, --max-autotune and --cpp-wrapper are the Inductor switches of compile_for_sampling (all three on is
 what `sample.py --compile` does).
 """
@@ -56,6 +57,8 @@ def main():
     p.add_argument("--max-autotune", action="store_true", help="with --compile: time Inductor's own C++ GEMM kernels "
                    "against the libraries' and keep the fastest (minutes of compiling)")
     p.add_argument("--cpp-wrapper", action="store_true", help="with --compile: call the kernels from C++, not Python")
+    p.add_argument("--no-prepack", action="store_true", help="with --freeze: keep plain weights (no oneDNN prepacking), "
+                   "so Inductor's FX graph cache can store the compiled graphs")
     p.add_argument("--cache-dir", default=os.environ.get("TORCHINDUCTOR_CACHE_DIR", CACHE_DIR),
                    help="Inductor's on-disk cache (compiled graphs, autotuning, C++ kernels) kept across runs")
     args = p.parse_args()
@@ -79,7 +82,8 @@ def main():
         dtype = getattr(torch, dtype_name)
         ours = ours_fp32.to(device=args.device, dtype=dtype)
         if args.compile:
-            ours = compile_for_sampling(ours, args.freeze, args.max_autotune, args.cpp_wrapper, cache_dir=args.cache_dir)
+            ours = compile_for_sampling(ours, args.freeze, args.max_autotune, args.cpp_wrapper, cache_dir=args.cache_dir,
+                                        prepack=not args.no_prepack)
         ref = hf.to(device=args.device, dtype=dtype)
         for B in map(int, args.batches.split(",")):
             ids = torch.randint(3, 49152, (B, 32), generator=torch.Generator().manual_seed(B)).to(args.device)

@@ -10,7 +10,8 @@ from avnano import grounding
 from avnano.decoder import Decoder, DecoderConfig
 from avnano.generate import CHECK_EVERY, generate
 from avnano.interleave import WindowQFormer, avti_order
-from avnano.layout import Plan, assemble, plan_rows, to_device
+from avnano.layout import assemble, plan_rows
+from avnano.plan import Plan, to_device
 from tests.test_model import CAPTIONS, tiny, training_batch
 
 

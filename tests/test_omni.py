@@ -242,7 +242,8 @@ def test_sample_captions_a_real_mp4(ckpts, videos, monkeypatch, capsys, name, au
     clip = load_clip(videos[name], fps=model.cfg.fps, max_frames=model.cfg.max_frames, size=None)
     wav = clip.audio if clip.has_audio else clip.audio[:0]
     block = model.av_block([clip.frames], [clip.frame_times], [wav])[0][0]
-    assert block.ids.count(model.ids["audio"]) == audio_tokens and block.grid == [(3 if name != "surround" else 3, 4, 6)]
+    # 3 s -> 6 frames, 2.5 s -> 5 frames (the last one repeated): 3 temporal patches of 64 x 80 -> 56 x 84 px = 4 x 6 patches
+    assert block.ids.count(model.ids["audio"]) == audio_tokens and block.grid == [(3, 4, 6)]
     assert (block.ids[:2] == [model.ids["vbos"], model.ids["abos"]]) == (audio_tokens > 0)
     text = model.generate(None, None, None, blocks=[block], max_new_tokens=12)[0]
     assert out == (text if text.strip() else "(empty caption: the model ended at once; an undertrained checkpoint does this)") + "\n"
