@@ -59,7 +59,8 @@ def caption_video(args):
     model = load_model(args.ckpt, device=args.device, dtype=DTYPES.get(args.dtype))
     cfg = model.cfg
     size = None if cfg.vit.image_size is None else (cfg.vit.image_size, cfg.vit.image_size)  # None: the thinker resizes
-    clip = load_clip(args.video, fps=cfg.fps, max_frames=cfg.max_frames, size=size)
+    clip = load_clip(args.video, fps=cfg.fps, max_frames=cfg.max_frames, size=size,
+                     frame_indices=getattr(model, "frame_indices", None))  # a Qwen2.5-Omni thinker's own frame rule
     omni = getattr(model, "omni", False)
     if omni and args.system:
         cfg.system = args.system

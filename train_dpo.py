@@ -183,8 +183,8 @@ def main():
     if args.resume:  # rounds restart their optimizer: only the RNG and the round count carry over
         start = checkpoint.load_state(path)["round"]
         log(f"resumed after round {start}")
-    cfg = model.cfg
-    store, test_store = (ClipStore(r, cfg.fps, cfg.max_frames, cfg.vit.image_size) for r in (rows, test_rows))
+    cfg, pick = model.cfg, getattr(model, "frame_indices", None)  # pick: a Qwen2.5-Omni thinker's own frame rule
+    store, test_store = (ClipStore(r, cfg.fps, cfg.max_frames, cfg.vit.image_size, frame_indices=pick) for r in (rows, test_rows))
     held_out(model, test_store, args.eval_n, log, "before", rank, world)
     order = np.random.default_rng(args.seed).permutation(len(rows)).tolist()
     for rnd in range(start, args.rounds):

@@ -129,9 +129,9 @@ def main():
     state = {"step": 0, "epoch": 0, "batch": 0}
     if args.resume:
         state = checkpoint.load_state(path, optimizer)
-    cfg = model.cfg
-    store = ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
-    test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)
+    cfg, pick = model.cfg, getattr(model, "frame_indices", None)  # pick: a Qwen2.5-Omni thinker's own frame rule
+    store = ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, frame_indices=pick)
+    test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, frame_indices=pick)
     loader = Loader(store, args.batch_size, args.seed, rank, world)
     stream = loader.iterate(state["epoch"], state["batch"])
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank + state["step"])

@@ -95,10 +95,12 @@ def main():
     log(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable (stage {args.stage}); "
         f"{len(train_rows)} train clips; device {device}, world {world}")
 
-    cfg = model.cfg
+    cfg, pick = model.cfg, getattr(model, "frame_indices", None)  # pick: a Qwen2.5-Omni thinker's own frame rule
     store = ClipStore(train_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, cache=not args.no_cache,
-                      cache_bytes=int(args.cache_gb * 2 ** 30), audio=mel_config(model))  # log-mel made by the loader
-    test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)  # decoded once, evaluated many times
+                      cache_bytes=int(args.cache_gb * 2 ** 30), audio=mel_config(model),  # log-mel made by the loader
+                      frame_indices=pick)
+    test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size,  # decoded once, evaluated many times
+                           frame_indices=pick)
     loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device=device)
     stream = loader.iterate(state["epoch"], state["batch"])
     gen = torch.Generator().manual_seed(args.seed + 1000 * state["step"])  # host randomness of --blind

@@ -81,8 +81,9 @@ class ClipStore:
     int16 in the cache: half the memory), or with `audio` (an AudioConfig) the clip's MelSegments for that encoder.
     The cache keeps the most recently used clips within `cache_bytes` (cache=False: none)."""
 
-    def __init__(self, rows, fps, max_frames, image_size, cache=True, cache_bytes=CACHE_BYTES, audio=None):
+    def __init__(self, rows, fps, max_frames, image_size, cache=True, cache_bytes=CACHE_BYTES, audio=None, frame_indices=None):
         self.rows, self.fps, self.max_frames, self.audio = rows, fps, max_frames, audio
+        self.frame_indices = frame_indices  # media.load_clip's: the Qwen2.5-Omni thinker's own frame rule (omni.py)
         self.size = None if image_size is None else (image_size, image_size)  # None: the source size (Omni resizes itself)
         self.cache_bytes = cache_bytes if cache else 0
         self.items, self.cache_used, self.bad = OrderedDict(), 0, {}
@@ -90,7 +91,7 @@ class ClipStore:
 
     def decode(self, i):
         """Clip i in its cached form, or raises InputError / OSError (a bad clip). Runs in a worker or in-process."""
-        clip = load_clip(self.rows[i]["path"], self.fps, self.max_frames, self.size)
+        clip = load_clip(self.rows[i]["path"], self.fps, self.max_frames, self.size, self.frame_indices)
         audio16 = (clip.audio.clamp(-1, 1) * 32767).round().to(torch.int16)
         audio = audio16 if self.audio is None else mel_segments(audio16.float() / 32767, self.audio)
         return clip.frames, clip.frame_times, audio
@@ -145,10 +146,10 @@ class ClipStore:
 _WORKER_STORE = None
 
 
-def _worker_init(rows, fps, max_frames, image_size, audio):
+def _worker_init(rows, fps, max_frames, image_size, audio, frame_indices):
     global _WORKER_STORE
     torch.set_num_threads(1)  # one intra-op thread per worker, as DataLoader's workers (and fork-safe with OpenMP)
-    _WORKER_STORE = ClipStore(rows, fps, max_frames, image_size, cache=False, audio=audio)
+    _WORKER_STORE = ClipStore(rows, fps, max_frames, image_size, cache=False, audio=audio, frame_indices=frame_indices)
 
 
 def _worker_decode(i):
@@ -237,8 +238,8 @@ class Loader:
     def _start_pool(self):
         if self.workers > 0 and self.pool is None:  # started from the calling thread, before any producer thread runs
             s = self.store
-            self.pool = multiprocessing.get_context().Pool(self.workers, _worker_init, (s.rows, s.fps, s.max_frames,
-                                                                                        s.size[0], s.audio))
+            args = s.rows, s.fps, s.max_frames, s.size and s.size[0], s.audio, s.frame_indices
+            self.pool = multiprocessing.get_context().Pool(self.workers, _worker_init, args)
 
     def close(self):
         if self.pool is not None:

@@ -31,9 +31,10 @@ class Layout(NamedTuple):
     right_padded: bool = None           # known on the host: no row has padding before a real token
 
 
-def plan_rows(plan, model, av_times, ids_list, loss_masks=None, left_pad=False):
+def plan_rows(plan, model, av_times, ids_list, loss_masks=None, left_pad=False, completions=None):
     """Host half of assemble: per row, which source each slot reads (0 = a zero pad row, then the AV tokens,
-    then the text embeddings), its position, flags and shifted label. av_times: per clip, its tokens' times."""
+    then the text embeddings), its position, flags and shifted label. av_times: per clip, its tokens' times.
+    completions (model.completion_logprobs): also where each completion token's log-prob goes in a (B, T) table."""
     cfg, rows, text = model.cfg, [], []
     for i, (times, ids) in enumerate(zip(av_times, ids_list)):
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
@@ -71,6 +72,10 @@ def plan_rows(plan, model, av_times, ids_list, loss_masks=None, left_pad=False):
                       "rows.is_av": is_av, "rows.valid": valid, "rows.labels": labels, "rows.label_index": label_index,
                       "rows.label_targets": flat[label_index], "rows.av_times": np.concatenate(
                           [np.asarray(t, np.float32) for t in av_times]) if av_times else np.zeros(0, np.float32)})
+    if completions is not None:
+        lengths = np.array([len(c) for c in completions])
+        plan.host["lp.mask"] = (np.arange(lengths.max()) < lengths[:, None]).astype(np.float32)
+        plan.host["lp.index"] = np.flatnonzero(plan.host["lp.mask"])  # row by row, as the labels
     plan.meta.update(n_tokens=len(label_index), n_seq=int(valid.sum()),
                      right_padded=bool((np.diff(valid.astype(np.int64), axis=1) <= 0).all()))
     return plan

@@ -91,9 +91,9 @@ def _stream_duration(container, stream):
     return None
 
 
-def _decode_frames(path, container, stream, fps, max_frames, size):
+def _decode_frames(path, container, stream, fps, max_frames, size, frame_indices=None):
     """Two passes: demux packet timestamps (cheap) to fix the duration and pick the frames nearest the
-    targets, then decode and convert only those. Returns (frames, times, duration)."""
+    targets (or by frame_indices, see load_clip), then decode and convert only those. Returns (frames, times, duration)."""
     tb = stream.time_base
     start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
     times = []
@@ -108,7 +108,13 @@ def _decode_frames(path, container, stream, fps, max_frames, size):
     times = np.unique(np.array(times))
     step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / float(stream.average_rate or 25)
     duration = float(times[-1] + step)
-    picks = [int(np.abs(times - t).argmin()) for t in frame_times_for(duration, fps, max_frames)]
+    if frame_indices is None:
+        picks = [int(np.abs(times - t).argmin()) for t in frame_times_for(duration, fps, max_frames)]
+    else:  # frame k = the k-th frame in presentation order, as decord / torchvision number them; their average rate
+        try:
+            picks = [int(k) for k in frame_indices(len(times), float(stream.average_rate or len(times) / duration))]
+        except ValueError as e:
+            raise MediaError(path, str(e)) from None
     wanted = {round(float(times[i]), 6) for i in picks}
     got = {}
     container.seek(0, stream=stream)
@@ -181,8 +187,10 @@ def load_audio(path):
     return torch.from_numpy(audio)
 
 
-def load_clip(path, fps=2.0, max_frames=32, size=(224, 224)):
-    """A media file -> Clip. size=(W, H) of the returned frames (None keeps the source size)."""
+def load_clip(path, fps=2.0, max_frames=32, size=(224, 224), frame_indices=None):
+    """A media file -> Clip. size=(W, H) of the returned frames (None keeps the source size). frame_indices replaces
+    the rule above (fps, max_frames unused): a function (total_frames, video_fps) -> indices of the decoded frames
+    to keep (e.g. Qwen2.5-Omni's, omni.omni_frames); a ValueError it raises becomes a MediaError."""
     no_frames = torch.zeros(0, *((size[1], size[0]) if size else (1, 1)), 3, dtype=torch.uint8, device="cpu"), torch.zeros(0, device="cpu")
     if path.lower().endswith(SOUNDFILE_SUFFIXES):
         audio = load_audio(path)
@@ -191,7 +199,8 @@ def load_clip(path, fps=2.0, max_frames=32, size=(224, 224)):
         has_video, has_audio = bool(container.streams.video), bool(container.streams.audio)
         if not (has_video or has_audio):
             raise MediaError(path, "no video or audio stream")
-        frames, times, duration = (_decode_frames(path, container, container.streams.video[0], fps, max_frames, size)
+        frames, times, duration = (_decode_frames(path, container, container.streams.video[0], fps, max_frames, size,
+                                                  frame_indices)
                                    if has_video else (*no_frames, None))
     audio = None
     if has_audio:

@@ -10,7 +10,8 @@ bidirectional, caption causal) or plain causal, a config choice; positions are s
 time-aligned (Qwen2.5-Omni style, see interleave.time_positions).
 Every switch the papers ablate is a config field, so one script can compare them. The pieces live
 in their own files: interleave.py (aligners, orders), layout.py (prompt + AV block + caption ->
-decoder inputs), grounding.py (the grounding loss), checkpoint.py (save / load).
+decoder inputs), grounding.py (the grounding loss), plan.py (the batch's indices, planned on the host and
+copied once: a step never reads the device), checkpoint.py (save / load).
 Departure (`visual_delta`, on in the tiny preset): the visual aligner reads each frame's merged patch
 tokens next to its change since the previous frame, taken per patch and then merged both ways:
 [merge(h_t), merge(h_t - h_{t-1}), merge(h_{t-1} - h_t)] (with max-pooling: the largest rise and the
@@ -20,12 +21,12 @@ identity of whatever moved survives the merge (a change of the merged token woul
 """
 from dataclasses import dataclass, field, fields, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import grounding, layout, lora, masks
+from .augment import caption_inputs
 from .audio import AudioConfig, AudioEncoder, MelSegments, mel_segments
 from .decoder import Decoder, DecoderConfig
 from .generate import generate
@@ -218,25 +219,11 @@ class AVCaptioner(nn.Module):
 
     def hidden_states(self, blocks, ids, loss_masks=None, word_dropout=0.0, plan=None, word_swap=0.0):
         """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels.
-        word_dropout (departure, ours; word dropout as in Bowman et al. 2016): each caption token is blanked as
-        an *input* (a zero embedding; its label stays) with this probability, so the next word has to come
-        from the AV block rather than from the words before it (e.g. the shape from the colour just written).
-        word_swap (departure, ours): each caption token that is one of cfg.swap_words (the colours) is fed as a
-        random one of them with this probability; its label stays. Training never shows a red triangle, and
-        a decoder that reads its own colour word learns "red -> circle or square": teacher-forced after the
-        true colour it named the shape of no unseen pair (0 of 40), after a colour seen with every shape 53 %.
+        word_dropout / word_swap: training-time caption input perturbations (augment.caption_inputs).
         plan: a layout.Plan already holding this layout on the device (layout.plan_rows)."""
         x = assemble(self, blocks, ids, loss_masks, plan=plan)
-        if word_dropout > 0:
-            caption = torch.zeros_like(x.valid)
-            caption[:, 1:] = x.labels[:, :-1] != -100  # token t is a caption token when position t-1 predicts it
-            drop = caption & (torch.rand(caption.shape, device=caption.device) < word_dropout)
-            x = x._replace(embeds=x.embeds.masked_fill(drop[..., None], 0.0))
-        if word_swap > 0 and len(self.swap_ids):
-            fed = F.pad(x.labels[:, :-1], (1, 0), value=-100)  # the caption token fed at t (-100 elsewhere)
-            hit = torch.isin(fed, self.swap_ids) & (torch.rand(fed.shape, device=fed.device) < word_swap)
-            new = self.swap_ids[torch.randint(len(self.swap_ids), fed.shape, device=fed.device)]
-            x = x._replace(embeds=torch.where(hit[..., None], self.decoder.embed(new).to(x.embeds.dtype), x.embeds))
+        if word_dropout > 0 or word_swap > 0:
+            x = x._replace(embeds=caption_inputs(x.embeds, x.labels, self.decoder.embed, word_dropout, word_swap, self.swap_ids))
         h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid, x.right_padded),
                          return_hidden=True)
         return h, x
@@ -272,16 +259,13 @@ class AVCaptioner(nn.Module):
         prompt_ids = self.render(prompt=prompt)[0]
         ids = [prompt_ids + list(c) for c in completions]
         loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
-        lengths = [len(c) for c in completions]
-        T = max(lengths)
-        plan = layout.plan_rows(Plan(), self, [host_view(b)[0] for b in blocks], ids, loss_masks)
-        plan.host["lp.index"] = np.concatenate([b * T + np.arange(n) for b, n in enumerate(lengths)])
-        plan.host["lp.mask"] = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+        plan = layout.plan_rows(Plan(), self, [host_view(b)[0] for b in blocks], ids, loss_masks, completions=completions)
         h, x = self.hidden_states(blocks, ids, loss_masks, plan=plan.to_device(self.device))
         # the labelled positions, row by row, in order: exactly the completion tokens
         logp = torch.log_softmax(self.decoder.logits(h.flatten(0, 1)[x.label_index]).float() / temperature, -1)
         logp = logp.gather(-1, x.label_targets[:, None])[:, 0]
-        return logp.new_zeros(len(lengths) * T).index_copy(0, plan.dev["lp.index"], logp).view(len(lengths), T), plan.dev["lp.mask"]
+        mask = plan.dev["lp.mask"]
+        return logp.new_zeros(mask.numel()).index_copy(0, plan.dev["lp.index"], logp).view(mask.shape), mask
 
     @torch.no_grad()
     def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, blocks=None, **sampling):

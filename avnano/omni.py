@@ -10,10 +10,11 @@ interleave.omni_chunked_order orders both in 2 s chunks; the block replaces <|VI
 causal attention. A video without an audio stream gets video tokens only; an audio-only file <|audio_bos|>...<|audio_eos|>.
 The pieces are avnano's own: decoder.Decoder (with mrope_section), lora.py, generate.py. Not implemented: the
 talker / token2wav (speech output; captions are text), images as separate inputs.
-Departures: frames come from media.load_clip (n = round(2 T) frames at the midpoints of equal slots; the reference
-utilities take an even count spread over the frame indices), and a waveform of exact zeros (load_clip's fill for a
-video without audio) counts as no audio, as the reference does for a missing audio stream.
+Frames: media.load_clip(frame_indices=model.frame_indices) decodes qwen-omni-utils' frames (omni_frames).
+Departure: a waveform of exact zeros (load_clip's fill for a video without audio) counts as no audio, as the reference
+does for a missing audio stream.
 """
+import functools
 import os
 from typing import NamedTuple
 
@@ -30,12 +31,18 @@ from .layout import Layout, attention_mask
 from .omni_audio import OmniAudio, audio_features, audio_token_count
 from .omni_load import TOKEN_TEXT, keymap, load_weights, omni_config, param_fields, params_on_meta, read_headers
 from .omni_rope import omni_position_ids
-from .omni_video import video_inputs
+from .omni_video import sample_indices, video_inputs
 from .omni_vision import OmniVision
 from .tokenizer import Tokenizer
 from .weights import save_file_atomic, write_json_atomic
 
 VIDEO_TAG = "<|vision_bos|><|VIDEO|><|vision_eos|>"  # what the chat template writes for a video
+
+
+def omni_frames(total_frames, video_fps, fps, max_frames):
+    """The decoded frames qwen-omni-utils keeps (omni_video.sample_indices: an even count of about fps per second,
+    4..max_frames, at round(linspace(0, total_frames - 1, n))): media.load_clip's frame_indices for the thinker."""
+    return sample_indices(total_frames, video_fps, fps, max_frames=max_frames)[0]
 
 
 class OmniBlock(NamedTuple):
@@ -64,18 +71,24 @@ class OmniThinker(nn.Module):
     vit = property(lambda self: self.visual)
     audio = property(lambda self: self.audio_tower)
 
+    @property
+    def frame_indices(self):
+        """media.load_clip / data.ClipStore's frame_indices for this thinker (a partial: data workers unpickle it)."""
+        return functools.partial(omni_frames, fps=self.cfg.fps, max_frames=self.cfg.max_frames)
+
     # ----------------------------------------------------------------------------------- encoders
-    def preprocess(self, frames, wav, frame_times=None):
+    def preprocess(self, frames, wav):
         """One clip -> (pixel_values, grid (t, h, w), seconds per temporal patch) or None, and its log-mel (128, T) or
         None: what the Omni processor hands the towers. No frames: an audio-only file. Empty or all-zero audio: no audio
-        tokens. A temporal patch spans temporal_patch_size / fps seconds (the processor's second_per_grid, fps 2); when
-        media.load_clip had to lower the rate (max_frames reached) the rate it sampled at, n / T (T = t_0 + t_last)."""
+        tokens. A temporal patch spans temporal_patch_size / cfg.fps seconds whatever rate the frames were sampled at
+        (n / total_frames * video_fps): transformers' Qwen2_5OmniProcessor takes second_per_grid from its own fps
+        argument (2.0 when not given, as in AVoCaDO's inference script; qwen-omni-utils returns the sampled rate only
+        with return_video_kwargs=True, as a list, and transformers 5.24 divides by a scalar fps)."""
         c = self.cfg
         video = None
         if len(frames):
-            fps = c.fps if frame_times is None or len(frames) < c.max_frames else len(frames) / float(frame_times[0] + frame_times[-1])
-            pixels, grid, _ = video_inputs(frames, fps, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
-            video = pixels, tuple(int(g) for g in grid[0]), c.vision.temporal_patch_size / fps
+            pixels, grid, _ = video_inputs(frames, c.fps, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+            video = pixels, tuple(int(g) for g in grid[0]), c.vision.temporal_patch_size / c.fps
         mel = audio_features(wav) if len(wav) and bool(wav.any()) else None
         return video, mel
 
@@ -110,10 +123,8 @@ class OmniThinker(nn.Module):
 
     def av_block(self, frames_list, frame_times_list, audio_list):
         """Per clip an OmniBlock; and a zero (no OT loss). TMRoPE times temporal patch k at k * second_per_grid (see
-        preprocess), not by the frames' timestamps, as the processor does."""
-        times = frame_times_list if frame_times_list is not None else [None] * len(frames_list)
-        return (self.encode([self.preprocess(f, a, t) for f, t, a in zip(frames_list, times, audio_list)]),
-                torch.zeros((), device=self.device))
+        preprocess), not by the frames' timestamps (frame_times_list is unused), as the processor does."""
+        return self.encode([self.preprocess(f, a) for f, a in zip(frames_list, audio_list)]), torch.zeros((), device=self.device)
 
     # ----------------------------------------------------------------------------------- prompt and layout
     def render(self, caption=None, prompt=None):

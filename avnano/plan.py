@@ -32,7 +32,7 @@ def to_device(arrays, device):
 
 
 class Plan:
-    """One batch's index arrays: `host` (numpy, filled by plan_av / plan_rows / grounding.plan) and `meta`
+    """One batch's index arrays: `host` (numpy, filled by plan_av / layout.plan_rows / grounding.plan_triples) and `meta`
     (python numbers the host needs: counts, flags); to_device() copies `host` once and sets `dev`."""
 
     def __init__(self):

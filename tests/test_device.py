@@ -142,7 +142,7 @@ def test_sample_py_captions_a_file_on_explicit_device(world, tmp_path, capsys):
     save_model(tiny(world), str(tmp_path / "ckpt"))
     args = argparse.Namespace(ckpt=str(tmp_path / "ckpt"), video=os.path.join(world["root"], world["test"][0]["video"]),
                               device=str(DEVICE), prompt=None, max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0,
-                              num_beams=1, length_penalty=0.6, seed=0)
+                              num_beams=1, length_penalty=0.6, seed=0, dtype=None, system=None)
     capsys.readouterr()
     with meta_default():
         sample.caption_video(args)

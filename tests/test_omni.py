@@ -239,15 +239,50 @@ def test_sample_captions_a_real_mp4(ckpts, videos, monkeypatch, capsys, name, au
     out, err = run_in_process(monkeypatch, capsys, sample.main, "--ckpt", dirs["full"], "--video", videos[name],
                               "--device", "cpu", "--max-new-tokens", "12")
     model = load_omni(dirs["full"])
-    clip = load_clip(videos[name], fps=model.cfg.fps, max_frames=model.cfg.max_frames, size=None)
+    clip = load_clip(videos[name], size=None, frame_indices=model.frame_indices)
     wav = clip.audio if clip.has_audio else clip.audio[:0]
     block = model.av_block([clip.frames], [clip.frame_times], [wav])[0][0]
-    # 3 s -> 6 frames, 2.5 s -> 5 frames (the last one repeated): 3 temporal patches of 64 x 80 -> 56 x 84 px = 4 x 6 patches
-    assert block.ids.count(model.ids["audio"]) == audio_tokens and block.grid == [(3, 4, 6)]
+    # 30 frames at 10 fps -> 6 frames, 25 -> 4 (an even count): 3 or 2 temporal patches of 64 x 80 -> 56 x 84 px = 4 x 6 patches
+    assert block.ids.count(model.ids["audio"]) == audio_tokens and block.grid == [(2 if name == "surround" else 3, 4, 6)]
     assert (block.ids[:2] == [model.ids["vbos"], model.ids["abos"]]) == (audio_tokens > 0)
     text = model.generate(None, None, None, blocks=[block], max_new_tokens=12)[0]
     assert out == (text if text.strip() else "(empty caption: the model ended at once; an undertrained checkpoint does this)") + "\n"
     assert err == ([f"note: {videos[name]} has no audio; captioning from the frames alone"] if name == "silent" else [])
+
+
+def test_frames_are_qwen_omni_utils_sample(ckpts, tmp_path):
+    """The thinker's frames (sample.py's load_clip and the training ClipStore): qwen-omni-utils' rule over the decoded
+    stream's frame indices; the seconds per temporal patch as transformers' processor derives them."""
+    import pickle
+    from avnano.data import ClipStore
+    from avnano.media import MediaError
+    total = 80  # 3.2 s at 25 fps; frame k shows k in binary: 7 bands of 8 px, black (0) or white (1)
+    bits = (np.arange(total)[:, None] >> np.arange(7)) & 1
+    video = np.ascontiguousarray(np.broadcast_to(np.repeat(bits * 255, 8, 1).astype(np.uint8)[:, None, :, None], (total, 32, 56, 3)))
+    path = str(tmp_path / "count.mp4")
+    write_clip(path, video, fps=25)
+    index = lambda f: ((f[:, 16, 4::8, 0].numpy() > 127) @ (1 << np.arange(7))).tolist()
+    seen = []
+    every = load_clip(path, size=None, frame_indices=lambda n, rate: seen.append((n, rate)) or range(n))
+    assert seen == [(total, 25.0)] and index(every.frames) == list(range(total))  # what the codec kept: every index
+    model = load_omni(ckpts[1]["thinker"])
+    # n = 80 / 25 * 2 = 6.4, within [4, 80], floored to an even 6; round(linspace(0, 79, 6)) = round(0, 15.8, 31.6, 47.4, 63.2, 79)
+    clip = load_clip(path, size=None, frame_indices=model.frame_indices)
+    assert index(clip.frames) == [0, 16, 32, 47, 63, 79]
+    assert torch.allclose(clip.frame_times, torch.tensor([0, 16, 32, 47, 63, 79]) / 25)
+    store = ClipStore([{"path": path}], model.cfg.fps, model.cfg.max_frames, model.cfg.vit.image_size,
+                      frame_indices=pickle.loads(pickle.dumps(model.frame_indices)))  # as the data workers get it
+    assert torch.equal(store.get(0)[0], clip.frames)
+    # transformers' Qwen2_5OmniProcessor: second_per_grid = temporal_patch_size / its fps argument (2.0 when not given,
+    # as in AVoCaDO's script) = 1.0, not 2 / the sampled rate (6 / 80 * 25 = 1.875 fps)
+    pixels, grid, second_per_grid = model.preprocess(clip.frames, clip.audio)[0]
+    assert grid[0] == 3 and second_per_grid == 1.0
+    model.cfg.max_frames = 4  # the cap (qwen-omni-utils' max_frames): round(linspace(0, 79, 4)) = round(0, 26.3, 52.7, 79)
+    clip = load_clip(path, size=None, frame_indices=model.frame_indices)
+    assert index(clip.frames) == [0, 26, 53, 79] and model.preprocess(clip.frames, clip.audio)[0][2] == 1.0
+    write_clip(one := str(tmp_path / "one.mp4"), video[:1], fps=25)
+    with pytest.raises(MediaError, match="too short"):
+        load_clip(one, size=None, frame_indices=model.frame_indices)
 
 
 def test_bad_checkpoints_are_named(ckpts, videos, monkeypatch, capsys, tmp_path):
