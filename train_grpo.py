@@ -24,7 +24,7 @@ from avnano.data import ClipStore, Loader, read_splits
 from avnano.errors import run_main
 from avnano.evaluate import eval_split
 from avnano.grammar import dialogue
-from avnano.grpo import group_advantages, grpo_loss, kl_k3
+from avnano.grpo import group_advantages, grpo_loss, kl_k3, up_to_eos
 from avnano.rewards import total_reward
 from avnano.distributed import autocast, setup_distributed, sync_grads, teardown
 from avnano.training import (data_args, ensure_toy_world, make_optimizer, model_args, opt_args, policy_lora, run_args,
@@ -63,8 +63,7 @@ def grpo_step(model, optimizer, items, args, gen, world=1):
         model.eval()
         texts, ids = model.generate(None, None, None, blocks=blocks, return_ids=True, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, generator=gen)
-    eos = set(model.tok.eos_ids)  # each completion up to and including its first EOS (grpo.completion_mask), on the host
-    completions = [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in ids.tolist()]
+    completions = up_to_eos(ids.tolist(), model.tok.eos_ids)
     scored = rewards_for(texts, [it[0] for it in items for _ in range(G)], args)
     r = torch.tensor([s[0] for s in scored], device=model.device).view(-1, G)
     adv = group_advantages(r, args.scale).view(-1)

@@ -4,7 +4,7 @@ and its mirror image) and caption-word dropout (Bowman et al. 2016) / swaps, for
 The toy world's training split never shows a red triangle, a yellow circle or a green square. Trained on it, the
 captioner reads each attribute partly from the other: teacher-forced after the true colour word it named the shape
 of none of 40 unseen-pair objects, and the aligned visual token's shape (read through the output head) was right
-for 45 % of them against 88 % for seen pairs. Two views of a clip, each drawn with probability p:
+for 45 % of them against 88 % for seen pairs. Two views of a clip, each drawn with its own probability:
 - colour-blind: the frames go through one random 3 x 3 channel mix (every colour becomes another, the same for the
   whole clip); shape, motion and time are untouched;
 - shape-blind: every block x block square of each frame is replaced by its mean colour (a blob keeps its colour,
@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 
 
-def blind_views(items, ids, masks, ground, kinds, p, generator, block=16):
+def blind_views(items, ids, masks, ground, kinds, p_colour, p_shape, generator, block=16):
     """items: [(row, frames uint8 (n, H, W, 3), times, audio)]; ids / masks: per clip rendered token ids and loss
     masks; ground: per clip grounding.spans() (or None); kinds: ((colour token ids, colour words), (shape token ids,
-    shape words)). Each clip becomes colour-blind with probability p, else shape-blind with probability p.
+    shape words)). Each clip becomes colour-blind with probability p_colour, or shape-blind with probability p_shape.
     Returns new (items, ids, masks, ground); the inputs are not modified."""
     items, ids, masks = list(items), [list(i) for i in ids], [list(m) for m in masks]
     ground = None if ground is None else list(ground)
     draw = torch.rand(len(items), generator=generator)
     for b in range(len(items)):  # host-side: python lists and host random numbers, no device sync
-        kind = 0 if draw[b] < p else 1 if draw[b] < 2 * p else None
+        kind = 0 if draw[b] < p_colour else 1 if draw[b] < p_colour + p_shape else None
         if kind is None:
             continue
         row, frames, times, audio = items[b]

@@ -17,11 +17,11 @@ does. The reference is the policy with its LoRA disabled.
 import torch
 
 
-def completion_mask(ids, eos_ids):
-    """1 up to and including the first EOS of each row, 0 after it: (B, T) -> (B, T) float."""
-    is_eos = torch.isin(ids, torch.tensor(list(eos_ids), device=ids.device))
-    before_or_at = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-    return before_or_at.float()
+def up_to_eos(rows, eos_ids):
+    """The completions of sampled rows (host lists of ids): each up to and including its first EOS, all of it when
+    there is none. What is rewarded, scored and trained; the (B, T) mask is model.completion_logprobs'."""
+    eos = set(eos_ids)
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
 def group_advantages(rewards, scale="std"):

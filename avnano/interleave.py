@@ -5,8 +5,8 @@ Aligners: linear (AVicuna), two-layer MLP with GELU (LLaVA 1.5; video-SALMONN 2'
 the window-level Q-Former of video-SALMONN 2 (SALMONN's audio aligner): learned queries cross-attend
 to the audio-encoder frames inside each fixed window (0.5 s -> 2 tokens per second by default).
 Every audio aligner returns (tokens, start time of each token).
-Interleavers are pure functions of (visual tokens per frame + frame times, audio tokens + their
-times) -> (tokens, times, modality), modality 0 = visual and 1 = audio:
+Interleavers are orders, computed on the host from counts and times (model.av_block applies one as a single gather):
+an index into [visual tokens frame by frame; audio tokens], with the tokens' times and modality (0 = visual, 1 = audio):
   concat     [V; A], the baseline every other order is compared against;
   per_frame  video-SALMONN 2 eqs. 6-8: frame i, then audio slice [l*i/n, l*(i+1)/n) (0-based);
   avti       AVicuna's Audio-Visual Token Interleaver with an audio-interleaving rate (AIR);
@@ -142,13 +142,6 @@ class TimeEmbedding(nn.Module):
         return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
 
 
-def _flat_visual(visual, frame_times):
-    """visual (n, t, D) -> tokens (n*t, D), times (n*t,), owning frame (n*t,)."""
-    n, t = visual.shape[:2]
-    frame = torch.arange(n, device=visual.device).repeat_interleave(t)
-    return visual.reshape(n * t, *visual.shape[2:]), frame_times.to(visual.device).float()[frame], frame
-
-
 # ------------------------------------------------------------------------------------- orders, on the host
 # An order is an index into the stack [visual tokens frame by frame (n * t); audio tokens (l)]: the block is
 # one gather of that stack, its times and modality the same gather of theirs. concat, per_frame and avti
@@ -240,54 +233,3 @@ def order(kind, frame_times, tokens_per_frame, audio_times, air=0.25, chunk_seco
     n_v = n * tokens_per_frame
     times = np.concatenate([np.repeat(frame_times, tokens_per_frame), audio_times]).astype(np.float32)
     return idx, times[idx], (idx >= n_v).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------- orders, on tensors
-def _gather(visual, frame_times, audio, audio_times, idx):
-    """Apply a host order to one clip's tensors: one gather of tokens, times and modality."""
-    v, vt, _ = _flat_visual(visual, frame_times)
-    i = torch.tensor(idx.tolist(), dtype=torch.long, device=v.device)
-    return torch.cat([v, audio])[i], torch.cat([vt, audio_times.float()])[i], (i >= len(v)).long()
-
-
-def concat(visual, frame_times, audio, audio_times):
-    """Baseline: every visual token (frame by frame), then every audio token."""
-    return _gather(visual, frame_times, audio, audio_times, concat_order(*visual.shape[:2], len(audio)))
-
-
-def per_frame(visual, frame_times, audio, audio_times):
-    """per_frame_order applied to tensors (video-SALMONN 2 eqs. 6-8)."""
-    return _gather(visual, frame_times, audio, audio_times, per_frame_order(*visual.shape[:2], len(audio)))
-
-
-def avti(visual, frame_times, audio, audio_times, air=0.25):
-    """avti_order applied to tensors (AVicuna's AVTI)."""
-    return _gather(visual, frame_times, audio, audio_times, avti_order(*visual.shape[:2], len(audio), air))
-
-
-def chunked(visual, frame_times, audio, audio_times, chunk_seconds=2.0):
-    """chunked_order on the device (a stable sort of the times' chunk keys, no host round trip)."""
-    v, vt, _ = _flat_visual(visual, frame_times)
-    times = torch.cat([vt, audio_times.to(vt.device).float()])
-    key = 2 * (times / chunk_seconds).floor().long() + (torch.arange(len(times), device=times.device) >= len(vt))
-    i = torch.argsort(key, stable=True)
-    return torch.cat([v, audio])[i], times[i], (i >= len(v)).long()
-
-
-def time_positions(times, start, ids_per_second=25):
-    """Time-aligned position ids (a 1-D reduction of Qwen2.5-Omni's TMRoPE temporal axis): a token at
-    t seconds gets start + floor(t * ids_per_second); tokens of one instant share an id. Text after
-    the AV block continues from max + 1."""
-    return start + (times * ids_per_second).floor().long()
-
-
-def interleave(kind, visual, frame_times, audio, audio_times, air=0.25, chunk_seconds=2.0):
-    if kind == "concat":
-        return concat(visual, frame_times, audio, audio_times)
-    if kind == "per_frame":
-        return per_frame(visual, frame_times, audio, audio_times)
-    if kind == "avti":
-        return avti(visual, frame_times, audio, audio_times, air)
-    if kind == "chunked":
-        return chunked(visual, frame_times, audio, audio_times, chunk_seconds)
-    raise ValueError(f"unknown interleaver {kind!r} (concat, per_frame, avti, chunked)")

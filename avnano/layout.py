@@ -4,9 +4,10 @@ Each clip's interleaved AV tokens replace the `<|av|>` placeholder of its prompt
 follows. The result is one padded batch: input embeddings, position ids, the AV flags the prefix mask
 M needs, the valid (non-pad) flags, and labels already shifted (labels[t] is the token predicted *at*
 position t, -100 where there is no loss). Positions are sequential, or time-aligned for the AV block
-(a 1-D reduction of Qwen2.5-Omni's TMRoPE, see interleave.time_positions) with text continuing after
-the block's largest id. The clock (model.time_embed) is added to the AV tokens here, so the blocks
-that av_block() returns stay pure content (the grounding loss reads them as they are).
+(a 1-D reduction of Qwen2.5-Omni's TMRoPE: a token at t seconds gets k + floor(t * ids_per_second), k the
+placeholder's index, so tokens of one instant share an id) with text continuing after the block's largest id.
+The clock (model.time_embed) is added to the AV tokens here, so the blocks that av_block() returns stay pure content
+(the grounding loss reads them as they are).
 The layout is planned on the host (plan_rows: numpy, from the ids and each block's token times) and copied
 once (plan.py); assembling it on the device is one gather.
 """
@@ -31,10 +32,9 @@ class Layout(NamedTuple):
     right_padded: bool = None           # known on the host: no row has padding before a real token
 
 
-def plan_rows(plan, model, av_times, ids_list, loss_masks=None, left_pad=False, completions=None):
+def plan_rows(plan, model, av_times, ids_list, loss_masks=None, left_pad=False):
     """Host half of assemble: per row, which source each slot reads (0 = a zero pad row, then the AV tokens,
-    then the text embeddings), its position, flags and shifted label. av_times: per clip, its tokens' times.
-    completions (model.completion_logprobs): also where each completion token's log-prob goes in a (B, T) table."""
+    then the text embeddings), its position, flags and shifted label. av_times: per clip, its tokens' times."""
     cfg, rows, text = model.cfg, [], []
     for i, (times, ids) in enumerate(zip(av_times, ids_list)):
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
@@ -72,10 +72,6 @@ def plan_rows(plan, model, av_times, ids_list, loss_masks=None, left_pad=False, 
                       "rows.is_av": is_av, "rows.valid": valid, "rows.labels": labels, "rows.label_index": label_index,
                       "rows.label_targets": flat[label_index], "rows.av_times": np.concatenate(
                           [np.asarray(t, np.float32) for t in av_times]) if av_times else np.zeros(0, np.float32)})
-    if completions is not None:
-        lengths = np.array([len(c) for c in completions])
-        plan.host["lp.mask"] = (np.arange(lengths.max()) < lengths[:, None]).astype(np.float32)
-        plan.host["lp.index"] = np.flatnonzero(plan.host["lp.mask"])  # row by row, as the labels
     plan.meta.update(n_tokens=len(label_index), n_seq=int(valid.sum()),
                      right_padded=bool((np.diff(valid.astype(np.int64), axis=1) <= 0).all()))
     return plan

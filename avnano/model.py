@@ -7,9 +7,10 @@ ChatML prompt, and the decoder reads prompt + AV block + caption as `inputs_embe
 Loss = cross-entropy on the caption tokens (optional label smoothing, AVCap eps 0.1) + optional
 lambda * LAVCap OT alignment loss. The attention mask is AVCap's prefix mask M (AV block
 bidirectional, caption causal) or plain causal, a config choice; positions are sequential or
-time-aligned (Qwen2.5-Omni style, see interleave.time_positions).
+time-aligned (Qwen2.5-Omni style, see layout.py).
 Every switch the papers ablate is a config field, so one script can compare them. The pieces live
-in their own files: interleave.py (aligners, orders), layout.py (prompt + AV block + caption ->
+in their own files: captioner.py (prompt, loss tail, log-probs, sampling, parameter groups: shared with
+omni.py's thinker), interleave.py (aligners, orders), layout.py (prompt + AV block + caption ->
 decoder inputs), grounding.py (the grounding loss), plan.py (the batch's indices, planned on the host and
 copied once: a step never reads the device), checkpoint.py (save / load).
 Departure (`visual_delta`, on in the tiny preset): the visual aligner reads each frame's merged patch
@@ -22,16 +23,13 @@ identity of whatever moved survives the merge (a change of the merged token woul
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from . import grounding, layout, lora, masks
-from .augment import caption_inputs
+from . import grounding, layout, lora
 from .audio import AudioConfig, AudioEncoder, MelSegments, mel_segments
+from .captioner import Captioner
 from .decoder import Decoder, DecoderConfig
-from .generate import generate
 from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, make_aligner, make_audio_aligner
-from .layout import assemble, attention_mask
+from .layout import assemble
 from .plan import Block, Blocks, Plan, host_view, mel_batch, plan_av, predecessors
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
@@ -114,7 +112,12 @@ def preset(name, vocab_size, **overrides):
     return replace(cfg, **overrides)  # an unknown override raises TypeError naming it
 
 
-class AVCaptioner(nn.Module):
+class AVCaptioner(Captioner):
+    """The avnano captioner (render, loss tail, log-probs, sampling, parameter groups: captioner.Captioner)."""
+    ALIGNERS = ("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.")
+    media_tag = f"{AV}\n"
+    mask_kind = property(lambda self: self.cfg.mask)
+
     def __init__(self, cfg: AVConfig, tok: Tokenizer, vit=None, audio=None, decoder=None):
         super().__init__()
         self.cfg, self.tok = cfg, tok
@@ -206,27 +209,14 @@ class AVCaptioner(nn.Module):
         ot = torch.stack(terms).mean() if terms else torch.zeros((), device=self.device)
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), ot
 
-    # ----------------------------------------------------------------------------------- training / scoring / sampling
-    def render(self, caption=None, prompt=None):
-        """ChatML ids + loss mask for (prompt with the AV placeholder, caption)."""
-        msgs = [{"role": "user", "content": f"{AV}\n{prompt or self.cfg.prompt}"}]
-        return self.tok.render(msgs, completion=caption)
+    # ----------------------------------------------------------------------------------- layout (the rest: captioner.py)
+    def plan_layout(self, blocks, ids_list, loss_masks=None, left_pad=False):
+        """The host half of layout(): a Plan (not yet copied) of prompt + AV block + caption (layout.plan_rows)."""
+        return layout.plan_rows(Plan(), self, [host_view(b)[0] for b in blocks], ids_list, loss_masks, left_pad)
 
-    def completion_ids(self, caption):
-        """The token ids a caption is trained on (its text + end token), as render() produces them."""
-        ids, mask = self.render(caption)
-        return [i for i, m in zip(ids, mask) if m]
-
-    def hidden_states(self, blocks, ids, loss_masks=None, word_dropout=0.0, plan=None, word_swap=0.0):
-        """Decoder hidden states of prompt + AV block + completion, and the layout's shifted labels.
-        word_dropout / word_swap: training-time caption input perturbations (augment.caption_inputs).
-        plan: a layout.Plan already holding this layout on the device (layout.plan_rows)."""
-        x = assemble(self, blocks, ids, loss_masks, plan=plan)
-        if word_dropout > 0 or word_swap > 0:
-            x = x._replace(embeds=caption_inputs(x.embeds, x.labels, self.decoder.embed, word_dropout, word_swap, self.swap_ids))
-        h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask(self.cfg.mask, x.is_av, x.valid, x.right_padded),
-                         return_hidden=True)
-        return h, x
+    def layout(self, blocks, ids_list, loss_masks=None, left_pad=False, plan=None):
+        """Decoder inputs of prompt + AV block + caption (layout.assemble; plan: plan_layout's, on the device)."""
+        return assemble(self, blocks, ids_list, loss_masks, left_pad, plan)
 
     def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False, ground=None):
         """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens, n_seq).
@@ -243,72 +233,5 @@ class AVCaptioner(nn.Module):
         g = grounding.loss(self, blocks, ground, plan) if ground is not None else torch.zeros((), device=self.device)
         h, x = self.hidden_states(blocks, ids, loss_mask, self.cfg.word_dropout if self.training else 0.0, plan,
                                   self.cfg.word_swap if self.training else 0.0)
-        logits = self.decoder.logits(h.flatten(0, 1)[x.label_index]).float()
-        ce = F.cross_entropy(logits, x.label_targets, label_smoothing=self.cfg.label_smoothing)
-        out = dict(loss=ce + self.cfg.ot_weight * ot + self.cfg.ground_weight * g, ce=ce, ot=ot, ground=g,
-                   n_tokens=len(x.label_targets), n_seq=sum(len(i) - 1 + len(b[0]) for i, b in zip(ids, blocks)))
-        if return_hidden:
-            out.update(hidden=h, is_av=x.is_av)
-        return out
+        return self.caption_loss(h, x, plan, ot, g, return_hidden)
 
-    def completion_logprobs(self, blocks, completions, temperature=1.0, prompt=None):
-        """Log-probs of given completion token ids (a list per AV block, EOS included) after the AV
-        prompt, with logits divided by `temperature` exactly as when sampling. `blocks` come from
-        av_block(): post-training encodes each clip once and scores every sequence on it. Returns
-        (B, T) log-probs and the (B, T) float mask of real completion tokens (rows right-padded)."""
-        prompt_ids = self.render(prompt=prompt)[0]
-        ids = [prompt_ids + list(c) for c in completions]
-        loss_masks = [[0] * len(prompt_ids) + [1] * len(c) for c in completions]
-        plan = layout.plan_rows(Plan(), self, [host_view(b)[0] for b in blocks], ids, loss_masks, completions=completions)
-        h, x = self.hidden_states(blocks, ids, loss_masks, plan=plan.to_device(self.device))
-        # the labelled positions, row by row, in order: exactly the completion tokens
-        logp = torch.log_softmax(self.decoder.logits(h.flatten(0, 1)[x.label_index]).float() / temperature, -1)
-        logp = logp.gather(-1, x.label_targets[:, None])[:, 0]
-        mask = plan.dev["lp.mask"]
-        return logp.new_zeros(mask.numel()).index_copy(0, plan.dev["lp.index"], logp).view(mask.shape), mask
-
-    @torch.no_grad()
-    def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, blocks=None, **sampling):
-        """Captions (list of str) for a batch of clips, or for already encoded `blocks` (then frames,
-        frame_times and audio are ignored); sampling kwargs as avnano.generate.generate."""
-        blocks = blocks if blocks is not None else self.av_block(frames, frame_times, audio)[0]
-        x = assemble(self, blocks, [self.render(prompt=prompt)[0] for _ in blocks], left_pad=True)
-        prefill = masks.av_prefix(x.is_av) if self.cfg.mask == "prefix" else None
-        out = generate(self.decoder, inputs_embeds=x.embeds, attention_mask=x.valid, positions=x.positions, prefill_mask=prefill,
-                       eos_ids=self.tok.eos_ids, pad_id=self.tok.pad_id, **sampling)
-        stop = set(self.tok.eos_ids) | {self.tok.pad_id}
-        texts = []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            texts.append(self.tok.decode(row[:cut]))
-        return (texts, out) if return_ids else texts
-
-    # ----------------------------------------------------------------------------------- parameter groups
-    def param_groups(self):
-        """name -> group: vit, audio, aligners, decoder, lora (for staged training)."""
-        groups = {}
-        for name, _ in self.named_parameters():
-            if "lora_" in name:
-                groups[name] = "lora"
-            elif name.startswith(("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.")):
-                groups[name] = "aligners"
-            else:
-                groups[name] = name.split(".")[0]
-        return groups
-
-    def set_trainable(self, groups):
-        """Freeze everything but the named groups (any of vit, audio, aligners, decoder, lora)."""
-        unknown = set(groups) - {"vit", "audio", "aligners", "decoder", "lora"}
-        if unknown:
-            raise ValueError(f"unknown parameter groups {sorted(unknown)}")
-        owner = self.param_groups()
-        for name, p in self.named_parameters():
-            p.requires_grad_(owner[name] in groups)
-
-    @property
-    def device(self):
-        return self.decoder.embed.weight.device
-
-    @property
-    def dtype(self):
-        return self.decoder.embed.weight.dtype

@@ -8,7 +8,8 @@ interleave.omni_chunked_order orders both in 2 s chunks; the block replaces <|VI
 `<|vision_bos|><|VIDEO|><|vision_eos|>{prompt}` (the chat template's own layout), so the decoder reads
 <|vision_bos|><|audio_bos|> [V chunk][A chunk] ... <|audio_eos|><|vision_eos|> with TMRoPE ids (omni_rope), plain
 causal attention. A video without an audio stream gets video tokens only; an audio-only file <|audio_bos|>...<|audio_eos|>.
-The pieces are avnano's own: decoder.Decoder (with mrope_section), lora.py, generate.py. Not implemented: the
+The pieces are avnano's own: captioner.Captioner (prompt, loss, log-probs, sampling, parameter groups: the
+interface model.AVCaptioner has), decoder.Decoder (with mrope_section), lora.py, generate.py. Not implemented: the
 talker / token2wav (speech output; captions are text), images as separate inputs.
 Frames: media.load_clip(frame_indices=model.frame_indices) decodes qwen-omni-utils' frames (omni_frames).
 Departure: a waveform of exact zeros (load_clip's fill for a video without audio) counts as no audio, as the reference
@@ -18,21 +19,21 @@ import functools
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from . import lora
+from .captioner import Captioner
 from .decoder import Decoder
 from .errors import InputError
-from .generate import generate
 from .interleave import omni_chunked_order
-from .layout import Layout, attention_mask
+from .layout import Layout
 from .omni_audio import OmniAudio, audio_features, audio_token_count
 from .omni_load import TOKEN_TEXT, keymap, load_weights, omni_config, param_fields, params_on_meta, read_headers
 from .omni_rope import omni_position_ids
 from .omni_video import sample_indices, video_inputs
 from .omni_vision import OmniVision
+from .plan import Plan, to_device
 from .tokenizer import Tokenizer
 from .weights import save_file_atomic, write_json_atomic
 
@@ -52,8 +53,11 @@ class OmniBlock(NamedTuple):
     second_per_grid: float  # seconds per temporal patch (temporal_patch_size / fps)
 
 
-class OmniThinker(nn.Module):
+class OmniThinker(Captioner):
+    """The thinker; render, loss tail, log-probs, sampling and parameter groups are captioner.Captioner's."""
     omni = True  # checkpoint.save_model / load_model and training.build_model branch on this
+    TOWERS, ALIGNERS = {"visual": "vit", "audio_tower": "audio"}, ("visual.merger.", "audio_tower.ln_post.", "audio_tower.proj.")
+    media_tag, mask_kind = VIDEO_TAG, "causal"
 
     def __init__(self, cfg, tok: Tokenizer):
         super().__init__()
@@ -83,8 +87,10 @@ class OmniThinker(nn.Module):
         tokens. A temporal patch spans temporal_patch_size / cfg.fps seconds whatever rate the frames were sampled at
         (n / total_frames * video_fps): transformers' Qwen2_5OmniProcessor takes second_per_grid from its own fps
         argument (2.0 when not given, as in AVoCaDO's inference script; qwen-omni-utils returns the sampled rate only
-        with return_video_kwargs=True, as a list, and transformers 5.24 divides by a scalar fps)."""
-        c = self.cfg
+        with return_video_kwargs=True, as a list, and transformers 5.24 divides by a scalar fps).
+        Host work, as the processor's: frames and waveform are read on the CPU (a loader keeps them there; one given
+        on a device is copied back), so the resize is the same uint8 kernel in training and in sampling."""
+        c, wav = self.cfg, torch.as_tensor(wav).cpu()
         video = None
         if len(frames):
             pixels, grid, _ = video_inputs(frames, c.fps, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
@@ -94,162 +100,102 @@ class OmniThinker(nn.Module):
 
     def encode(self, inputs):
         """[(video, mel)] from preprocess -> [OmniBlock]: every clip's pixels through the vision tower in one call, every
-        clip's audio through the audio tower in another, then each clip's block laid out (interleave.omni_chunked_order)."""
+        clip's audio through the audio tower in another, then each clip's block laid out (interleave.omni_chunked_order):
+        the orders are built on the host as one index into [all video tokens; all audio tokens], copied once."""
         c, ids, merge = self.cfg, self.ids, self.cfg.vision.spatial_merge_size
-        videos = [v for v, _ in inputs if v is not None]
-        grids = [tuple(int(x) for x in v[1]) for v in videos]
-        visual = iter(self.visual(torch.cat([v[0] for v in videos]).to(self.device, self.dtype), grids).split(
-            [t * h * w // merge ** 2 for t, h, w in grids])) if videos else iter(())
+        grids = [tuple(int(x) for x in v[1]) for v, _ in inputs if v is not None]
         mels = [m for _, m in inputs if m is not None]
-        audio = iter(self.audio_tower([m.to(self.device, self.dtype) for m in mels]).split(
-            [audio_token_count(m.shape[-1]) for m in mels])) if mels else iter(())
-        blocks = []
+        n_v, n_a = iter([t * h * w // merge ** 2 for t, h, w in grids]), iter([audio_token_count(m.shape[-1]) for m in mels])
+        parts = ([self.visual(torch.cat([v[0] for v, _ in inputs if v is not None]).to(self.device, self.dtype), grids)]
+                 if grids else []) + ([self.audio_tower([m.to(self.device, self.dtype) for m in mels])] if mels else [])
+        index, heads, v0, a0 = [], [], 0, sum(t * h * w // merge ** 2 for t, h, w in grids)
         for v, m in inputs:
-            vt, at = next(visual) if v is not None else None, next(audio) if m is not None else None
+            nv, na = next(n_v) if v is not None else 0, next(n_a) if m is not None else 0
             grid, spg = ([tuple(int(x) for x in v[1])], v[2]) if v is not None else ([], 1.0)
-            if vt is not None and at is not None:
-                idx = omni_chunked_order(grid[0], spg, len(at), c.rope)
-                tokens = torch.cat([vt, at])[torch.as_tensor(idx, device=vt.device)]
-                body = [ids["audio"] if i >= len(vt) else ids["video"] for i in idx.tolist()]
-                block = [ids["vbos"], ids["abos"]] + body + [ids["aeos"], ids["veos"]]
-            elif vt is not None:
-                tokens, block = vt, [ids["vbos"]] + [ids["video"]] * len(vt) + [ids["veos"]]
-            elif at is not None:
-                tokens, block = at, [ids["abos"]] + [ids["audio"]] * len(at) + [ids["aeos"]]
+            if v is not None and m is not None:
+                idx = omni_chunked_order(grid[0], spg, na, c.rope)
+                audio = idx >= nv
+                src = np.where(audio, a0 + idx - nv, v0 + idx)
+                block = [ids["vbos"], ids["abos"]] + np.where(audio, ids["audio"], ids["video"]).tolist() + [ids["aeos"], ids["veos"]]
+            elif v is not None:
+                src, block = v0 + np.arange(nv), [ids["vbos"]] + [ids["video"]] * nv + [ids["veos"]]
+            elif m is not None:
+                src, block = a0 + np.arange(na), [ids["abos"]] + [ids["audio"]] * na + [ids["aeos"]]
             else:
                 raise InputError("clip", "neither frames nor audio to caption")
-            blocks.append(OmniBlock(block, tokens, grid, spg))
-        return blocks
+            index.append(src)
+            heads.append((block, grid, spg))
+            v0, a0 = v0 + nv, a0 + na
+        if not inputs:
+            return []
+        tokens = torch.cat(parts)[to_device({"index": np.concatenate(index)}, self.device)["index"]]
+        return [OmniBlock(b, f, g, s) for (b, g, s), f in zip(heads, tokens.split([len(i) for i in index]))]
 
     def av_block(self, frames_list, frame_times_list, audio_list):
         """Per clip an OmniBlock; and a zero (no OT loss). TMRoPE times temporal patch k at k * second_per_grid (see
         preprocess), not by the frames' timestamps (frame_times_list is unused), as the processor does."""
         return self.encode([self.preprocess(f, a) for f, a in zip(frames_list, audio_list)]), torch.zeros((), device=self.device)
 
-    # ----------------------------------------------------------------------------------- prompt and layout
-    def render(self, caption=None, prompt=None):
-        """ChatML ids + loss mask: (system,) user = the video tag + the instruction, (caption)."""
-        msgs = ([{"role": "system", "content": self.cfg.system}] if self.cfg.system else []) + \
-               [{"role": "user", "content": VIDEO_TAG + (prompt or self.cfg.prompt)}]
-        return self.tok.render(msgs, completion=caption)
+    # ----------------------------------------------------------------------------------- layout
+    def plan_layout(self, blocks, ids_list, loss_masks=None, left_pad=False):
+        """The host half of layout(): per row the ids with the block's in place of the video tag, where each slot reads
+        (0 = a zero pad row, then the blocks' encoder tokens, then the text embeddings), TMRoPE ids (3, B, L), the AV
+        flags and the shifted labels; a Plan (not yet copied) with layout.plan_rows' keys."""
+        rows, n_feats = [], sum(len(b.feats) for b in blocks)
+        for i, (block, ids) in enumerate(zip(blocks, ids_list)):
+            ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+            k = ids.index(self.ids["video"])  # the prompt's placeholder; one sampled later stays a token
+            if ids[k - 1] != self.ids["vbos"] or ids[k + 1] != self.ids["veos"]:
+                raise ValueError("the rendered prompt does not hold <|vision_bos|><|VIDEO|><|vision_eos|>")
+            full = np.array(ids[:k - 1] + block.ids + ids[k + 2:], dtype=np.int64)
+            is_av = np.zeros(len(full), bool)
+            is_av[k - 1:k - 1 + len(block.ids)] = True
+            pos, _ = omni_position_ids(full.tolist(), self.cfg.rope, video_grid_thw=block.grid or None,
+                                       second_per_grid=[block.second_per_grid] * len(block.grid) or None)
+            labels = np.full(len(full), -100, dtype=np.int64)
+            if loss_masks is not None:
+                lm = np.array([0] * (k - 1 + len(block.ids)) + list(loss_masks[i][k + 2:]), dtype=bool)
+                labels[:-1] = np.where(lm, full, -100)[1:]  # position t predicts token t+1
+            rows.append((full, is_av & np.isin(full, [self.ids["video"], self.ids["audio"]]), is_av, pos.numpy(), labels))
+        B, L = len(rows), max(len(r[0]) for r in rows)
+        src, positions = np.zeros((B, L), np.int64), np.ones((3, B, L), np.int64)
+        is_av, valid, labels = np.zeros((B, L), bool), np.zeros((B, L), bool), np.full((B, L), -100, dtype=np.int64)
+        text, f0, t0 = [], 1, 1 + n_feats
+        for b, ((full, slot, av, pos, lab), block) in enumerate(zip(rows, blocks)):
+            n, n_text = len(full), int((~slot).sum())
+            s = slice(L - n, L) if left_pad else slice(0, n)
+            row = np.empty(n, np.int64)
+            row[slot], row[~slot] = f0 + np.arange(n - n_text), t0 + np.arange(n_text)
+            src[b, s], positions[:, b, s], is_av[b, s], valid[b, s], labels[b, s] = row, pos, av, True, lab
+            text.append(full[~slot])
+            f0, t0 = f0 + len(block.feats), t0 + n_text
+        flat = labels.reshape(-1)
+        label_index = np.flatnonzero(flat != -100)
+        plan = Plan()
+        plan.host.update({"rows.src": src, "rows.text": np.concatenate(text), "rows.positions": positions, "rows.is_av": is_av,
+                          "rows.valid": valid, "rows.labels": labels, "rows.label_index": label_index,
+                          "rows.label_targets": flat[label_index]})
+        plan.meta.update(n_tokens=len(label_index), n_seq=int(valid.sum()),
+                         right_padded=bool((np.diff(valid.astype(np.int64), axis=1) <= 0).all()))
+        return plan
 
-    def completion_ids(self, caption):
-        ids, mask = self.render(caption)
-        return [i for i, m in zip(ids, mask) if m]
-
-    def _row(self, block, ids, loss_mask):
-        """One sample: (input ids, embeddings, 3-D positions, AV flags, shifted labels) before padding."""
-        k = ids.index(self.ids["video"])  # the prompt's placeholder; one sampled later stays a token
-        if ids[k - 1] != self.ids["vbos"] or ids[k + 1] != self.ids["veos"]:
-            raise ValueError("the rendered prompt does not hold <|vision_bos|><|VIDEO|><|vision_eos|>")
-        full = ids[:k - 1] + block.ids + ids[k + 2:]
-        ids_t = torch.tensor(full, device=self.device)
-        x = self.decoder.embed(ids_t)
-        is_av = torch.zeros(len(full), dtype=torch.bool, device=self.device)
-        is_av[k - 1:k - 1 + len(block.ids)] = True
-        slots = is_av & ((ids_t == self.ids["video"]) | (ids_t == self.ids["audio"]))
-        x = x.masked_scatter(slots[:, None], block.feats.to(x.dtype))
-        pos, _ = omni_position_ids(full, self.cfg.rope, video_grid_thw=block.grid or None,
-                                   second_per_grid=[block.second_per_grid] * len(block.grid) or None)
-        labels = torch.full((len(full),), -100, dtype=torch.long, device=self.device)
-        if loss_mask is not None:
-            lm = [0] * (k - 1) + [0] * len(block.ids) + list(loss_mask[k + 2:])
-            tgt = torch.where(torch.tensor(lm, device=self.device).bool(), ids_t, -100)
-            labels[:-1] = tgt[1:]  # position t predicts token t+1
-        return x, pos.to(self.device), is_av, labels
-
-    def layout(self, blocks, ids_list, loss_masks=None, left_pad=False) -> Layout:
-        """A padded batch (right-padded, or left-padded for generation); positions are (3, B, L)."""
-        rows = [self._row(b, list(ids), None if loss_masks is None else loss_masks[i]) for i, (b, ids) in enumerate(zip(blocks, ids_list))]
-        L, B, D = max(len(r[0]) for r in rows), len(rows), rows[0][0].shape[-1]
-        dev = self.device
-        out = Layout(torch.zeros(B, L, D, device=dev, dtype=rows[0][0].dtype), torch.ones(3, B, L, dtype=torch.long, device=dev),
-                     torch.zeros(B, L, dtype=torch.bool, device=dev), torch.zeros(B, L, dtype=torch.bool, device=dev),
-                     torch.full((B, L), -100, dtype=torch.long, device=dev))
-        for b, (x, pos, is_av, labels) in enumerate(rows):
-            s = slice(L - len(x), L) if left_pad else slice(0, len(x))
-            out.embeds[b, s], out.positions[:, b, s], out.is_av[b, s], out.valid[b, s], out.labels[b, s] = x, pos, is_av, True, labels
-        return out
-
-    # ----------------------------------------------------------------------------------- training / scoring / sampling
-    def hidden_states(self, blocks, ids, loss_masks=None, word_dropout=0.0):
-        """Decoder hidden states and the layout (model.AVCaptioner.hidden_states, with Omni's layout and causal mask)."""
-        x = self.layout(blocks, ids, loss_masks)
-        if word_dropout > 0:
-            caption = torch.zeros_like(x.valid)
-            caption[:, 1:] = x.labels[:, :-1] != -100
-            drop = caption & (torch.rand(caption.shape, device=caption.device) < word_dropout)
-            x = x._replace(embeds=x.embeds.masked_fill(drop[..., None], 0.0))
-        h = self.decoder(inputs_embeds=x.embeds, positions=x.positions, mask=attention_mask("causal", x.is_av, x.valid),
-                         return_hidden=True)
-        return h, x
+    def layout(self, blocks, ids_list, loss_masks=None, left_pad=False, plan=None) -> Layout:
+        """A padded batch (right-padded, or left-padded for generation); positions are (3, B, L). plan: plan_layout's, on
+        the device (made and copied here when None); the device does one gather."""
+        plan = plan if plan is not None else self.plan_layout(blocks, ids_list, loss_masks, left_pad).to_device(self.device)
+        d, emb = plan.dev, self.decoder.embed
+        source = torch.cat([emb.weight.new_zeros(1, emb.weight.shape[1])] + [b.feats.to(emb.weight.dtype) for b in blocks] +
+                           [emb(d["rows.text"])])
+        return Layout(source[d["rows.src"]], d["rows.positions"], d["rows.is_av"], d["rows.valid"], d["rows.labels"],
+                      d["rows.label_index"], d["rows.label_targets"], plan.meta["right_padded"])
 
     def forward(self, frames, frame_times, audio, ids, loss_mask, return_hidden=False, ground=None):
-        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens, n_seq)."""
-        blocks, zero = self.av_block(frames, frame_times, audio)
-        h, x = self.hidden_states(blocks, ids, loss_mask, self.cfg.word_dropout if self.training else 0.0)
-        sel = x.labels != -100
-        ce = F.cross_entropy(self.decoder.logits(h[sel]).float(), x.labels[sel], label_smoothing=self.cfg.label_smoothing)
-        out = dict(loss=ce, ce=ce, ot=zero, ground=zero, n_tokens=int(sel.sum()), n_seq=int(x.valid.sum()))
-        if return_hidden:
-            out.update(hidden=h, is_av=x.is_av)
-        return out
-
-    def completion_logprobs(self, blocks, completions, temperature=1.0, prompt=None):
-        """(B, T) log-probs of given completion ids after the prompt (logits / temperature) and their float mask."""
-        prompt_ids = self.render(prompt=prompt)[0]
-        ids = [prompt_ids + list(c) for c in completions]
-        h, x = self.hidden_states(blocks, ids, [[0] * len(prompt_ids) + [1] * len(c) for c in completions])
-        sel = x.labels != -100
-        logp = torch.log_softmax(self.decoder.logits(h[sel]).float() / temperature, -1).gather(-1, x.labels[sel][:, None])[:, 0]
-        lengths = torch.tensor([len(c) for c in completions], device=self.device)
-        mask = torch.arange(int(lengths.max()), device=self.device)[None] < lengths[:, None]
-        out = torch.zeros(mask.shape, device=self.device)
-        out[mask] = logp
-        return out, mask.float()
-
-    @torch.no_grad()
-    def generate(self, frames, frame_times, audio, prompt=None, return_ids=False, blocks=None, **sampling):
-        """Captions (list of str) for a batch of clips (or encoded `blocks`); sampling kwargs as generate.generate."""
-        blocks = blocks if blocks is not None else self.av_block(frames, frame_times, audio)[0]
-        x = self.layout(blocks, [self.render(prompt=prompt)[0] for _ in blocks], left_pad=True)
-        out = generate(self.decoder, inputs_embeds=x.embeds, attention_mask=x.valid, positions=x.positions,
-                       eos_ids=self.tok.eos_ids, pad_id=self.tok.pad_id, **sampling)
-        stop = set(self.tok.eos_ids) | {self.tok.pad_id}
-        texts = []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            texts.append(self.tok.decode(row[:cut]))
-        return (texts, out) if return_ids else texts
-
-    # ----------------------------------------------------------------------------------- parameter groups
-    def param_groups(self):
-        """name -> vit | audio | aligners (the vision merger, the audio tower's ln_post + proj) | decoder | lora."""
-        groups = {}
-        for name, _ in self.named_parameters():
-            if "lora_" in name:
-                groups[name] = "lora"
-            elif name.startswith(("visual.merger.", "audio_tower.ln_post.", "audio_tower.proj.")):
-                groups[name] = "aligners"
-            else:
-                groups[name] = {"visual": "vit", "audio_tower": "audio"}.get(name.split(".")[0], "decoder")
-        return groups
-
-    def set_trainable(self, groups):
-        unknown = set(groups) - {"vit", "audio", "aligners", "decoder", "lora"}
-        if unknown:
-            raise ValueError(f"unknown parameter groups {sorted(unknown)}")
-        owner = self.param_groups()
-        for name, p in self.named_parameters():
-            p.requires_grad_(owner[name] in groups)
-
-    @property
-    def device(self):
-        return self.decoder.embed.weight.device
-
-    @property
-    def dtype(self):
-        return self.decoder.embed.weight.dtype
+        """A batch of clips with tokenised (prompt + caption) -> dict(loss, ce, ot, ground, n_tokens, n_seq); the layout is
+        planned on the host and copied once (the losses of the avnano model's heads are 0 here)."""
+        blocks, _ = self.av_block(frames, frame_times, audio)
+        plan = self.plan_layout(blocks, ids, loss_mask).to_device(self.device)
+        h, x = self.hidden_states(blocks, ids, loss_mask, self.cfg.word_dropout if self.training else 0.0, plan)
+        return self.caption_loss(h, x, plan, return_hidden=return_hidden)
 
 
 # --------------------------------------------------------------------------------------------------- files

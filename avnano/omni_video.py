@@ -7,11 +7,11 @@ What the official pipeline does (qwen-omni-utils' `fetch_video`, then transforme
    transformers' own `Qwen2VLVideoProcessor.sample_frames`, off by default, spaces frames as arange(0, T, T/n).)
 2. Size (`frame_size`): `smart_resize` to multiples of 28 (patch 14 x merge 2) with min_pixels <= h*w <= max_pixels,
    where max_pixels = max(min(768*28*28, total_pixels / n * 2), 1.05 * min_pixels): a long video gets smaller frames.
-3. Resize: bicubic with antialiasing, uint8 in and out. "torch" (default) does what torchvision's tensor resize does
-   (qwen-omni-utils, transformers' video processor): on the CPU torch's uint8 antialiased-bicubic kernel, which is
-   within one grey level of PIL's; on a GPU float32 interpolation clamped and rounded back to uint8 (a few levels
-   from PIL's at sharp edges: PIL rounds between its two passes). "pil" is PIL's bicubic (Pillow needed), as
-   `Qwen2VLImageProcessorPil` and qwen-omni-utils' image path.
+3. Resize: bicubic with antialiasing, uint8 in and out. "torch" (default) does what torchvision's tensor resize does on
+   the CPU (qwen-omni-utils, transformers' video processor): torch's uint8 antialiased-bicubic kernel, within one grey
+   level of PIL's. Always on the CPU (frames given on a GPU are copied back first): torchvision on a GPU interpolates
+   in float32 and rounds, a few levels off at sharp edges, and training must see what sampling sees. "pil" is PIL's
+   bicubic (Pillow needed), as `Qwen2VLImageProcessorPil` and qwen-omni-utils' image path.
 4. Rescale by 1/255, normalise with the OpenAI CLIP mean/std (float32).
 5. Temporal patching (`patchify`): an odd frame count repeats the last frame; frames 2g, 2g+1 form group g, which
    spans 2 / sample_fps seconds (1 s at 2 fps): group_times[g] = g * 2 / sample_fps, the processor's
@@ -75,21 +75,17 @@ def frame_size(n_frames, height, width, min_pixels=VIDEO_MIN_PIXELS, max_pixels=
 
 
 def resize(frames, size, backend="torch"):
-    """uint8 (T, H, W, 3) -> uint8 (T, 3, h, w), bicubic with antialiasing (see the module doc for the backends)."""
-    x = torch.as_tensor(frames)
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, h, w) on the CPU, bicubic with antialiasing (see the module doc, 3.)."""
+    x = torch.as_tensor(frames).cpu()
     if tuple(x.shape[1:3]) == tuple(size):
         return x.permute(0, 3, 1, 2).contiguous()
     if backend == "pil":
         from PIL import Image
-        out = [np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.BICUBIC)) for f in x.cpu().numpy()]
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device)
+        out = [np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.BICUBIC)) for f in x.numpy()]
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
     if backend != "torch":
         raise ValueError(f"unknown resize backend {backend!r} (torch, pil)")
-    x = x.permute(0, 3, 1, 2).contiguous()
-    if x.device.type == "cpu":  # torch's uint8 kernel, as torchvision runs it on the CPU
-        return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    y = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)  # torchvision on a GPU
-    return y.clamp(0, 255).round().to(torch.uint8)
+    return F.interpolate(x.permute(0, 3, 1, 2).contiguous(), size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def normalise(x):

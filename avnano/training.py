@@ -189,10 +189,12 @@ def build_model(args, train_rows, parser):
 
 
 def released_omni(model, args, parser):
-    """--init with a Qwen2.5-Omni directory (bfloat16 weights on CUDA, float32 on the CPU; LoRA adapters float32): its
-    architecture is the checkpoint's; label smoothing, word dropout and --lora-r apply. An architecture flag or an OT
-    weight is refused by name; the grounding loss (an avnano-model head) is not applied to the thinker."""
-    given = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE + ("preset", "vocab", "merge", "ot_weight")
+    """--init with a Qwen2.5-Omni directory (bfloat16 weights on CUDA, float32 on the CPU; what trains is float32:
+    Captioner.set_trainable): its architecture is the checkpoint's; label smoothing, word dropout and --lora-r apply.
+    Refused by name when not at the parser's default: an architecture flag; --ot-weight and --ground-weight (the thinker
+    has no OT loss and no grounding head: the scripts' default --ground-weight 1.0 is fine, any other value is refused);
+    --word-swap (not applied to the thinker)."""
+    given = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE + ("preset", "vocab", "merge", "ot_weight", "ground_weight", "word_swap")
              if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
     if given:
         raise InputError(args.init, f"a Qwen2.5-Omni thinker keeps its own architecture; cannot apply {', '.join(given)}")

@@ -21,7 +21,7 @@ def clip():
 def run(p_draw):
     item, ids, mask, ground = clip()
     g = torch.Generator().manual_seed(0)
-    (out,), (new_ids,), (new_mask,), (new_ground,) = blind_views([item], [ids], [mask], [ground], KINDS, p_draw, g)
+    (out,), (new_ids,), (new_mask,), (new_ground,) = blind_views([item], [ids], [mask], [ground], KINDS, p_draw, 0.0, g)
     return item, ids, mask, out, new_ids, new_mask, new_ground
 
 
@@ -41,9 +41,8 @@ def test_colour_blind_view_mixes_channels_and_hides_the_colour_word():
 def test_shape_blind_view_keeps_block_means_and_hides_the_shape_word():
     item, ids, mask, ground = clip()
     g = torch.Generator().manual_seed(0)
-    u = torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
-    p = u / 1.5  # the clip's draw u then falls in [p, 2p): the shape-blind view
-    (out,), (new_ids,), (new_mask,), (new_ground,) = blind_views([item], [ids], [mask], [ground], KINDS, p, g)
+    u = torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # the clip's draw: u < 0 + p_shape
+    (out,), (new_ids,), (new_mask,), (new_ground,) = blind_views([item], [ids], [mask], [ground], KINDS, 0.0, u + 1e-6, g)
     f = item[1].numpy().astype(np.float64)
     for t in range(2):
         for by in range(2):
@@ -59,5 +58,5 @@ def test_shape_blind_view_keeps_block_means_and_hides_the_shape_word():
 
 def test_no_view_when_not_drawn():
     item, ids, mask, ground = clip()
-    out = blind_views([item], [ids], [mask], [ground], KINDS, 0.0, torch.Generator().manual_seed(0))
+    out = blind_views([item], [ids], [mask], [ground], KINDS, 0.0, 0.0, torch.Generator().manual_seed(0))
     assert out[1] == [ids] and out[2] == [mask] and out[3] == [ground] and torch.equal(out[0][0][1], item[1])

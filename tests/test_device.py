@@ -11,6 +11,7 @@ import contextlib
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,8 @@ from avnano.distributed import autocast
 from avnano.dpo import dpo_loss, guided_dpo_loss
 from avnano.evaluate import caption_clips, eval_split
 from avnano.generate import generate
-from avnano.grpo import completion_mask, group_advantages, grpo_loss
-from avnano.interleave import interleave
+from avnano.grpo import group_advantages, grpo_loss, up_to_eos
+from avnano.interleave import order
 from avnano.layout import assemble
 from avnano.audio import AudioConfig
 from avnano.media import load_clip
@@ -194,8 +195,7 @@ def test_grpo_step_on_explicit_device(world):
         model.eval()
         texts, ids = model.generate(None, None, None, blocks=blocks, return_ids=True, max_new_tokens=6, temperature=1.0,
                                     top_k=20, top_p=0.9, generator=gen)
-        cmask = completion_mask(ids, model.tok.eos_ids)
-        completions = [row[:int(m.sum())] for row, m in zip(ids.tolist(), cmask)]
+        completions = up_to_eos(ids.tolist(), model.tok.eos_ids)
         rewards = torch.tensor([float(len(t)) for t in texts], device=model.device).view(-1, G)
         adv = group_advantages(rewards).view(-1)
         model.train()
@@ -279,7 +279,8 @@ def test_bf16_autocast_greedy_and_beams_match_fp32_where_margins_allow(overfit):
                               num_beams=3, eos_ids=model.tok.eos_ids, pad_id=model.tok.pad_id)
     assert text_beams.device == DEVICE and text_beams.dtype == torch.long  # the decoder's own beam search on token ids
     margins = greedy_margins(model, clips, ids32)
-    real = completion_mask(ids32, model.tok.eos_ids).bool()  # up to and including EOS
+    lengths = torch.tensor([len(c) for c in up_to_eos(ids32.tolist(), model.tok.eos_ids)], device=ids32.device)
+    real = torch.arange(ids32.shape[1], device=ids32.device) < lengths[:, None]  # up to and including EOS
     # overfit: fp32's choice is clear at every step of both captions, so bf16 must make every one of them
     assert (margins[real] > MARGIN).all(), margins
     assert ids16.shape == ids32.shape and torch.equal(ids16, ids32)
@@ -307,7 +308,8 @@ def test_fake_cuda_decoder_and_aligners_forward_backward():
         cuda = model.device
         v = model.visual_aligner(torch.zeros(3, model.cfg.vit.tokens_per_frame, model.visual_aligner[0].in_features, device=cuda))
         a, at = model.audio_aligner(torch.zeros(40, model.cfg.audio.dim, device=cuda))
-        tokens, times, _ = interleave("per_frame", v, torch.tensor([0.25, 0.75, 1.25], device=cuda), a, at)
+        idx, times, _ = order("per_frame", np.float32([0.25, 0.75, 1.25]), v.shape[1], model.audio_aligner.host_times(40))
+        tokens, times = torch.cat([v.flatten(0, 1), a])[torch.tensor(idx.tolist(), device=cuda)], torch.tensor(times.tolist(), device=cuda)
         av = tokens + model.time_embed(times)
         ids = torch.zeros(2, 7, dtype=torch.long, device=cuda)
         x = torch.cat([model.decoder.embed(ids[:, :3]), av.expand(2, -1, -1), model.decoder.embed(ids[:, 3:])], 1)

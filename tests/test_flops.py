@@ -8,7 +8,7 @@ from avnano import lora
 from avnano.audio import AudioConfig, MelSegments, mel_segments
 from avnano.decoder import DecoderConfig
 from avnano.flops import FlopCounter, mfu
-from avnano.interleave import avti, per_frame
+from avnano.interleave import avti_order, per_frame_order
 from avnano.model import AVCaptioner, AVConfig
 from avnano.tokenizer import Tokenizer
 from avnano.vit import ViTConfig
@@ -104,11 +104,10 @@ def test_audio_segments_and_av_tokens_by_hand():
     wav = torch.randn(40000)                                                   # 2.5 s: a 2 s segment and 0.5 s
     assert c.audio_segments(wav) == [(200, 100), (50, 25)]
     assert c.audio_segments(mel_segments(wav, CFG.audio)) == [(200, 100), (50, 25)]  # the loader's log-mel alike
-    v, a = torch.zeros(2, 4, 8), torch.zeros(3, 8)
     c.cfg = CFG.__class__(**{**CFG.__dict__, "interleave": "per_frame"})
-    assert c.av_tokens(8, 2, 3) == 8 + 2 * 2 == len(per_frame(v, torch.zeros(2), a, torch.zeros(3))[0])  # 3 -> 4 audio
+    assert c.av_tokens(8, 2, 3) == 8 + 2 * 2 == len(per_frame_order(2, 4, 3))  # 3 -> 4 audio
     c.cfg = CFG.__class__(**{**CFG.__dict__, "interleave": "avti"})
-    assert c.av_tokens(8, 2, 3) == round(8 / 0.75) == 11 == len(avti(v, torch.zeros(2), a, torch.zeros(3), 0.25)[0])
+    assert c.av_tokens(8, 2, 3) == round(8 / 0.75) == 11 == len(avti_order(2, 4, 3, 0.25))
 
 
 def test_mfu_divides_by_every_gpus_peak():

@@ -1,7 +1,9 @@
-"""Interleavers' exact orders on integer-labelled tokens, the window Q-Former, segment embeddings."""
+"""Interleavers' exact orders (interleave.order, as model.av_block applies them) on integer-labelled tokens, the window
+Q-Former, segment embeddings."""
+import numpy as np
 import torch
 
-from avnano.interleave import AUDIO, VISUAL, SegmentEmbedding, WindowQFormer, avti, chunked, concat, per_frame, time_positions
+from avnano.interleave import AUDIO, VISUAL, SegmentEmbedding, WindowQFormer, order
 
 
 def labelled(n_frames, per_frame_tokens, n_audio, duration):
@@ -17,20 +19,26 @@ def labels(out):
     return [int(x) for x in out[0][:, 0].tolist()]
 
 
+def interleave(kind, v, ft, a, at, **kw):
+    """The order of `kind` from counts and float32 times on the host, applied as one gather: (tokens, times, modality)."""
+    idx, times, modality = order(kind, ft.numpy().astype(np.float32), v.shape[1], at.numpy().astype(np.float32), **kw)
+    return torch.cat([v.flatten(0, 1), a])[torch.from_numpy(idx)], torch.from_numpy(times), torch.from_numpy(modality)
+
+
 def test_concat_is_all_visual_then_all_audio():
-    out = concat(*labelled(2, 2, 3, 2.0))
+    out = interleave("concat", *labelled(2, 2, 3, 2.0))
     assert labels(out) == [0, 1, 100, 101, -1, -2, -3]
     assert out[2].tolist() == [VISUAL] * 4 + [AUDIO] * 3
 
 
 def test_per_frame_slices_audio_by_frame():
-    out = per_frame(*labelled(3, 2, 6, 3.0))
+    out = interleave("per_frame", *labelled(3, 2, 6, 3.0))
     assert labels(out) == [0, 1, -1, -2, 100, 101, -3, -4, 200, 201, -5, -6]
 
 
 def test_per_frame_resamples_when_not_divisible():
     # l = 5, n = 2: audio resampled (nearest) up to 2 * ceil(5 / 2) = 6 tokens: indices floor(i * 5 / 6)
-    out = per_frame(*labelled(2, 1, 5, 2.0))
+    out = interleave("per_frame", *labelled(2, 1, 5, 2.0))
     assert labels(out) == [0, -1, -1, -2, 100, -3, -4, -5]  # every audio token kept, none dropped
     assert out[2].tolist() == [VISUAL, AUDIO, AUDIO, AUDIO] * 2
     # frames at 0.5 / 1.5 s; audio token k starts at 0.4 k s and keeps its own time when repeated
@@ -39,7 +47,7 @@ def test_per_frame_resamples_when_not_divisible():
 
 def test_avti_air_quarter_gives_a_v_v_v():
     v, ft, a, at = labelled(10, 3, 7, 5.0)  # n_v = 30 -> N = 40, n_a = 10, k = 3
-    out = avti(v, ft, a, at, air=0.25)
+    out = interleave("avti", v, ft, a, at, air=0.25)
     pattern = ["A" if m == AUDIO else "V" for m in out[2].tolist()]
     assert pattern == ["A", "V", "V", "V"] * 10
     vis = [x for x, m in zip(labels(out), out[2].tolist()) if m == VISUAL]
@@ -50,22 +58,20 @@ def test_avti_air_quarter_gives_a_v_v_v():
 
 def test_avti_other_rate():
     v, ft, a, at = labelled(4, 1, 8, 4.0)  # n_v = 4, AIR 0.5: N = 8, n_a = 4, k = round(4/5) = 1
-    out = avti(v, ft, a, at, air=0.5)
+    out = interleave("avti", v, ft, a, at, air=0.5)
     assert ["A" if m == AUDIO else "V" for m in out[2].tolist()] == ["A", "V"] * 4
 
 
-def test_chunked_order_and_positions():
+def test_chunked_order():
     # frames at 0.5, 1.5, 2.5, 3.5 s (1 token each); audio at 0, 1, 2, 3, 4.5 s
     v = torch.tensor([[[0.0]], [[100.0]], [[200.0]], [[300.0]]])
     ft = torch.tensor([0.5, 1.5, 2.5, 3.5])
     a = -(torch.arange(5, dtype=torch.float) + 1)[:, None]
     at = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.5])
-    tokens, times, modality = chunked(v, ft, a, at, chunk_seconds=2.0)
+    tokens, times, modality = interleave("chunked", v, ft, a, at, chunk_seconds=2.0)
     assert [int(x) for x in tokens[:, 0]] == [0, 100, -1, -2, 200, 300, -3, -4, -5]
     assert times.tolist() == [0.5, 1.5, 0.0, 1.0, 2.5, 3.5, 2.0, 3.0, 4.5]  # each token keeps its own time
-    assert modality.tolist() == [VISUAL, VISUAL, AUDIO, AUDIO] * 2 + [AUDIO]
-    pos = time_positions(times, start=3, ids_per_second=25)
-    assert pos.tolist() == [3 + 12, 3 + 37, 3 + 0, 3 + 25, 3 + 62, 3 + 87, 3 + 50, 3 + 75, 3 + 112]
+    assert modality.tolist() == [VISUAL, VISUAL, AUDIO, AUDIO] * 2 + [AUDIO]  # (positions: test_switches.py)
 
 
 def test_window_qformer_count_and_times():

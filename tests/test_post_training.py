@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from avnano.dpo import dpo_loss, guided_dpo_loss, select_pairs
-from avnano.grpo import clipped_surrogate, completion_mask, group_advantages, grpo_loss, kl_k3, normalise
+from avnano.grpo import clipped_surrogate, group_advantages, grpo_loss, kl_k3, normalise, up_to_eos
 from avnano.layout import assemble
 from avnano.rewards import checklist_reward, dialogue_reward, edit_similarity, length_reward, total_reward
 
@@ -74,9 +74,8 @@ def test_normalisation_modes_by_hand():
     assert torch.allclose(loss, T(-(0.5 - 1.5) / 2))
 
 
-def test_completion_mask_includes_first_eos_only():
-    ids = T([[5, 7, 2, 9, 2], [2, 1, 1, 1, 1], [4, 4, 4, 4, 4]])
-    assert completion_mask(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+def test_completion_includes_first_eos_only():
+    assert up_to_eos([[5, 7, 2, 9, 2], [2, 1, 1, 1, 1], [4, 4, 4, 4, 4], [3, 0, 1]], [2, 0]) == [[5, 7, 2], [2], [4, 4, 4, 4, 4], [3, 0]]
 
 
 def test_dialogue_reward_cases():

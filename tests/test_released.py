@@ -12,7 +12,7 @@ import sample
 from avnano import masks, training
 from avnano.checkpoint import load_model, released_captioner
 from avnano.errors import InputError
-from avnano.grpo import completion_mask
+from avnano.grpo import up_to_eos
 from avnano.layout import assemble
 from avnano.media import load_clip
 from avnano.tokenizer import Tokenizer
@@ -249,7 +249,8 @@ def test_released_preset_from_three_checkpoints(released):
             masks.av_prefix(x.is_av) & masks.key_padding(x.valid)), return_hidden=True)
         logits = model.decoder.logits(h[x.labels != -100]).float().view(*ids.shape, -1)
     chosen = logits.gather(-1, ids[..., None])[..., 0]
-    real = completion_mask(ids, model.tok.eos_ids).bool()  # up to and including the end token
+    lengths = torch.tensor([len(c) for c in up_to_eos(ids.tolist(), model.tok.eos_ids)])
+    real = torch.arange(ids.shape[1]) < lengths[:, None]  # up to and including the end token
     assert ids.shape[0] == 2 and real.sum() > 0
     assert (chosen >= logits.amax(-1) - 1e-4)[real].all()
     assert texts == [model.tok.decode([t for t, r in zip(row, m) if r and t not in model.tok.eos_ids])

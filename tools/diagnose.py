@@ -8,6 +8,9 @@
    if swapping barely hurts, the decoder ignores the AV block.
 3. A linear probe on the aligned audio tokens (time embedding not added) for the sound class and
    the speaker: do the encoders carry the identity the decoder has to read?
+4. Colour-shape pairs training never shows (toyworld.HELD_OUT) against seen ones: the shape chosen among the
+   three shape words teacher-forced after the true colour word and after each colour word in turn (probabilities
+   averaged), and the colour and shape read off the visual tokens of the object's span by the output head.
 """
 import argparse
 import collections
@@ -24,6 +27,10 @@ from avnano.data import ClipStore, read_splits  # noqa: E402
 from avnano.checkpoint import load_model  # noqa: E402
 from avnano.errors import run_main  # noqa: E402
 from avnano.grammar import COLOURS, SHAPES, SOUNDS, WORDS  # noqa: E402
+from avnano.grounding import spans  # noqa: E402
+from avnano.interleave import VISUAL  # noqa: E402
+from avnano.layout import assemble, attention_mask  # noqa: E402
+from avnano.toyworld import HELD_OUT  # noqa: E402
 
 CLASSES = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, **{w: "spoken word" for w in WORDS},
            **{s.split()[0]: "sound" for s in SOUNDS}, "A": "speaker", "B": "speaker"}
@@ -98,6 +105,51 @@ def audio_probe(model, store, n, seed=0):
     print(f"  held-out probe accuracy {acc:.3f} on {len(X) - cut} tokens (majority class {torch.bincount(Y).max().item() / len(Y):.3f})")
 
 
+@torch.no_grad()
+def pairs_probe(model, store, n):
+    one = lambda w: model.tok.encode(" " + w)[-1]
+    shape_ids, colour_ids = [one(w) for w in SHAPES], [one(w) for w in COLOURS]
+    hits = collections.defaultdict(lambda: [0, 0])
+    def count(key, right):
+        hits[key][0] += int(right)
+        hits[key][1] += 1
+    for i in range(n):
+        clip = store.get(i)
+        if clip is None:
+            continue
+        ids, mask = model.render(store.rows[i]["caption"])
+        blocks, _ = model.av_block(*[[c] for c in clip])
+        x = assemble(model, blocks, [ids], [mask])
+        labels = x.labels[0].tolist()
+        at = [t for t in range(1, len(labels)) if labels[t] in shape_ids and labels[t - 1] in colour_ids]
+        probs = {}
+        for c in (None, *COLOURS):  # None: the true colour word as written
+            e = x.embeds.clone()
+            if c is not None:
+                e[0, at] = model.decoder.embed.weight[one(c)]
+            h = model.decoder(inputs_embeds=e, positions=x.positions, mask=attention_mask(model.cfg.mask, x.is_av, x.valid),
+                              return_hidden=True)
+            probs[c] = torch.softmax(model.decoder.logits(h)[0, :, shape_ids].float(), -1)
+        for t in at:
+            pair = (COLOURS[colour_ids.index(labels[t - 1])], SHAPES[shape_ids.index(labels[t])])
+            kind = "unseen" if pair in HELD_OUT else "seen"
+            right = SHAPES.index(pair[1])
+            count(("shape after the true colour", kind), probs[None][t].argmax() == right)
+            count(("shape averaged over colours", kind), sum(probs[c][t] for c in COLOURS).argmax() == right)
+        tokens, times, modality = blocks[0]
+        lens = model.decoder.logits(model.decoder.norm(tokens)).float()
+        for t0, t1, mods, _, words in spans(store.rows[i]["events"]):
+            inside = (times >= t0 - 1e-3) & (times <= t1 + 1e-3) & (modality == VISUAL)
+            if mods != "v" or words[0] not in COLOURS or not inside.any():
+                continue
+            kind, mean = "unseen" if (words[0], words[1]) in HELD_OUT else "seen", lens[inside].mean(0)
+            count(("visual tokens' colour", kind), mean[colour_ids].argmax() == COLOURS.index(words[0]))
+            count(("visual tokens' shape", kind), mean[shape_ids].argmax() == SHAPES.index(words[1]))
+    for what in dict.fromkeys(k for k, _ in hits):
+        print(f"  {what:>28}: seen {hits[what, 'seen'][0] / max(hits[what, 'seen'][1], 1):.3f} ({hits[what, 'seen'][1]}), "
+              f"unseen {hits[what, 'unseen'][0] / max(hits[what, 'unseen'][1], 1):.3f} ({hits[what, 'unseen'][1]})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="an avnano checkpoint directory (train_sft.py --out)")
@@ -114,6 +166,8 @@ def main():
     swap_test(model, train, min(args.clips, 32))
     print("linear probe on aligned audio tokens (5 sounds + 2 speakers):")
     audio_probe(model, train, 4 * args.clips)
+    print("held-out objects, colour-shape pairs seen vs never seen in training:")
+    pairs_probe(model, test, args.clips)
 
 
 if __name__ == "__main__":
