@@ -103,7 +103,8 @@ def main():
                       frame_indices=pick)
     test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size,  # decoded once, evaluated many times
                            frame_indices=pick)
-    loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device=device)
+    host = getattr(model, "omni", False)  # the thinker preprocesses frames and audio on the host (omni.OmniThinker.preprocess)
+    loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device="cpu" if host else device)
     stream = loader.iterate(state["epoch"], state["batch"])
     gen = torch.Generator().manual_seed(args.seed + 1000 * state["step"])  # host randomness of --colour-blind / --shape-blind
     kinds = [([i[0] for w in words if len(i := model.tok.encode(" " + w)) == 1], words) for words in (COLOURS, SHAPES)]

@@ -97,11 +97,12 @@ class Captioner(nn.Module):
         groups = {}
         for name, _ in self.named_parameters():
             top = name.split(".")[0]
-            groups[name] = "lora" if "lora_" in name else "aligners" if name.startswith(self.ALIGNERS) else self.TOWERS.get(top, top)
+            aligner = name.startswith(self.ALIGNERS)
+            groups[name] = "lora" if "lora_" in name else "aligners" if aligner else self.TOWERS.get(top, top)
         return groups
 
     def set_trainable(self, groups):
-        """Freeze everything but the named groups (any of GROUPS). What trains is a float32 master weight (DESIGN §11):
+        """Freeze everything but the named groups (any of GROUPS). What trains is a float32 master weight:
         a bfloat16 load (a released thinker on CUDA) keeps its frozen weights in bfloat16 and casts the trained ones up;
         AdamW on bfloat16 weights loses every update below 2^-8 of the weight. autocast runs the matmuls in bfloat16."""
         unknown = set(groups) - set(self.GROUPS)

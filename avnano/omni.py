@@ -102,13 +102,16 @@ class OmniThinker(Captioner):
         """[(video, mel)] from preprocess -> [OmniBlock]: every clip's pixels through the vision tower in one call, every
         clip's audio through the audio tower in another, then each clip's block laid out (interleave.omni_chunked_order):
         the orders are built on the host as one index into [all video tokens; all audio tokens], copied once."""
+        if not inputs:
+            return []
         c, ids, merge = self.cfg, self.ids, self.cfg.vision.spatial_merge_size
         grids = [tuple(int(x) for x in v[1]) for v, _ in inputs if v is not None]
         mels = [m for _, m in inputs if m is not None]
-        n_v, n_a = iter([t * h * w // merge ** 2 for t, h, w in grids]), iter([audio_token_count(m.shape[-1]) for m in mels])
+        counts = [t * h * w // merge ** 2 for t, h, w in grids]
         parts = ([self.visual(torch.cat([v[0] for v, _ in inputs if v is not None]).to(self.device, self.dtype), grids)]
                  if grids else []) + ([self.audio_tower([m.to(self.device, self.dtype) for m in mels])] if mels else [])
-        index, heads, v0, a0 = [], [], 0, sum(t * h * w // merge ** 2 for t, h, w in grids)
+        n_v, n_a = iter(counts), iter([audio_token_count(m.shape[-1]) for m in mels])
+        index, heads, v0, a0 = [], [], 0, sum(counts)
         for v, m in inputs:
             nv, na = next(n_v) if v is not None else 0, next(n_a) if m is not None else 0
             grid, spg = ([tuple(int(x) for x in v[1])], v[2]) if v is not None else ([], 1.0)
@@ -116,7 +119,8 @@ class OmniThinker(Captioner):
                 idx = omni_chunked_order(grid[0], spg, na, c.rope)
                 audio = idx >= nv
                 src = np.where(audio, a0 + idx - nv, v0 + idx)
-                block = [ids["vbos"], ids["abos"]] + np.where(audio, ids["audio"], ids["video"]).tolist() + [ids["aeos"], ids["veos"]]
+                body = np.where(audio, ids["audio"], ids["video"]).tolist()
+                block = [ids["vbos"], ids["abos"]] + body + [ids["aeos"], ids["veos"]]
             elif v is not None:
                 src, block = v0 + np.arange(nv), [ids["vbos"]] + [ids["video"]] * nv + [ids["veos"]]
             elif m is not None:
@@ -126,8 +130,6 @@ class OmniThinker(Captioner):
             index.append(src)
             heads.append((block, grid, spg))
             v0, a0 = v0 + nv, a0 + na
-        if not inputs:
-            return []
         tokens = torch.cat(parts)[to_device({"index": np.concatenate(index)}, self.device)["index"]]
         return [OmniBlock(b, f, g, s) for (b, g, s), f in zip(heads, tokens.split([len(i) for i in index]))]
 

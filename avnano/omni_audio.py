@@ -152,7 +152,7 @@ class OmniAudio(nn.Module):
         (host ints or a CPU tensor; the padding may hold anything) -> (sum_b audio_token_count(T_b), output_dim):
         the clips' tokens concatenated in order, as transformers' audio_tower(...).last_hidden_state."""
         features, lengths = _batch(features, lengths)
-        W, dtype, device = 2 * self.cfg.n_window, self.proj.weight.dtype, self.proj.weight.device
+        W, dtype, device = 2 * self.cfg.n_window, self.conv1.weight.dtype, self.conv1.weight.device  # proj may be float32
         n_out = sum(audio_token_count(T) for T in lengths)
         if n_out == 0 or features is None:
             return torch.zeros(0, self.cfg.output_dim, dtype=dtype, device=device)

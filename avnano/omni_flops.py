@@ -12,17 +12,24 @@ from .omni_audio import audio_token_count
 from .omni_video import frame_size
 
 
+def _matrix(w):
+    """(trainable, frozen) entries of one weight (the Conv3d patch embedding, the output head)."""
+    return (w.numel(), 0) if w.requires_grad else (0, w.numel())
+
+
 class OmniFlopCounter:
     def __init__(self, model):
-        self.model, m = model, model
-        self.vision_trains, self.audio_trains = _trains(m.visual), _trains(m.audio_tower)
-        self.any_trains = _trains(m)
-        self.patch, self.vblocks, self.merger = _weights([m.visual.patch_embed]), _weights(m.visual.blocks), _weights([m.visual.merger])
-        self.conv1, self.conv2 = _weights([m.audio_tower.conv1]), _weights([m.audio_tower.conv2])
-        self.ablocks, self.proj = _weights(m.audio_tower.blocks), _weights([m.audio_tower.proj])
+        self.model, m, v, a = model, model, model.visual, model.audio_tower
+        # gradients pass through a tower's blocks when they or its stem train; through its aligner (the merger; ln_post +
+        # proj) when anything in the tower trains (flops.py's rule: a unit passes gradients when it or anything before does)
+        self.vision_trains = _trains(v.patch_embed) or _trains(v.blocks)
+        self.audio_trains = _trains(a.conv1) or _trains(a.conv2) or _trains(a.blocks)
+        self.merger_grad, self.proj_grad, self.any_trains = _trains(v), _trains(a), _trains(m)
+        self.patch, self.vblocks, self.merger = _matrix(v.patch_embed.proj.weight), _weights(v.blocks), _weights([v.merger])
+        self.conv1, self.conv2 = _weights([a.conv1]), _weights([a.conv2])
+        self.ablocks, self.proj = _weights(a.blocks), _weights([a.proj])
         self.dblocks = _weights(m.decoder.blocks)
-        head = m.decoder.embed.weight if m.decoder.lm_head is None else m.decoder.lm_head.weight
-        self.head = (head.numel(), 0) if head.requires_grad else (0, head.numel())
+        self.head = _matrix(m.decoder.embed.weight if m.decoder.lm_head is None else m.decoder.lm_head.weight)
 
     def clip(self, frames, n_samples, n_ids, n_labels):
         """FLOPs of one clip: frames (n, H, W, 3), n_samples of 16 kHz audio (0: none), n_ids rendered ids, n_labels."""
@@ -36,7 +43,8 @@ class OmniFlopCounter:
             full = len(v.fullatt_block_indexes)
             pairs = t * ((v.depth - full) * windows + full * (gh * gw) ** 2)
             flops += _mm(self.patch, P, False) + _mm(self.vblocks, P, self.vision_trains)
-            flops += _attn(pairs, v.hidden_size, self.vision_trains) + _mm(self.merger, P // v.spatial_merge_size ** 2, self.any_trains)
+            flops += _attn(pairs, v.hidden_size, self.vision_trains)
+            flops += _mm(self.merger, P // v.spatial_merge_size ** 2, self.merger_grad)
             n_av += P // v.spatial_merge_size ** 2
         if n_samples:
             T = -(-n_samples // 160)
@@ -45,7 +53,7 @@ class OmniFlopCounter:
             pairs = a.n_layers * sum(min(chunk, stem - s) ** 2 for s in range(0, stem, chunk))
             flops += _mm(self.conv1, T, False) + _mm(self.conv2, stem, self.audio_trains)
             flops += _mm(self.ablocks, stem, self.audio_trains) + _attn(pairs, a.dim, self.audio_trains)
-            flops += _mm(self.proj, n, self.any_trains)
+            flops += _mm(self.proj, n, self.proj_grad)
             n_av += n + 2
         d = c.decoder
         L = n_ids - 3 + n_av
@@ -53,7 +61,8 @@ class OmniFlopCounter:
         return flops + _mm(self.head, n_labels, self.any_trains)
 
     def batch(self, items, ids, loss_masks):
-        """flops.FlopCounter.batch for the thinker: items = [(row, frames, times, audio)] as data.Loader yields them."""
+        """flops.FlopCounter.batch for the thinker: items = [(row, frames, times, audio)] as data.Loader yields them (on the
+        host for the thinker, train_sft.py: reading the audio is no device read); all-zero audio counts as none."""
         return sum(self.clip(frames, len(audio) if len(audio) and bool(audio.any()) else 0, len(i), sum(m))
                    for (_, frames, _, audio), i, m in zip(items, ids, loss_masks))
 

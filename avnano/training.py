@@ -38,7 +38,8 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
                    "none (0 = none)")
     g.add_argument("--lora-alpha", type=float, default=lora_alpha, help="LoRA alpha (the update is scaled by alpha / r)")
     if architecture:
-        g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size: tiny (CPU) or small (one GPU)")
+        g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size: tiny (CPU), small (CPU or GPU) or "
+                       "gpu (~150-180M parameters, one H100)")
         g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size of a fresh model's tokenizer")
         g.add_argument("--interleave", default="per_frame", choices=["concat", "per_frame", "avti", "chunked"], help="AV token order")
         g.add_argument("--air", type=float, default=0.25, help="AVTI audio-interleaving rate")

@@ -309,7 +309,8 @@ def test_fake_cuda_decoder_and_aligners_forward_backward():
         v = model.visual_aligner(torch.zeros(3, model.cfg.vit.tokens_per_frame, model.visual_aligner[0].in_features, device=cuda))
         a, at = model.audio_aligner(torch.zeros(40, model.cfg.audio.dim, device=cuda))
         idx, times, _ = order("per_frame", np.float32([0.25, 0.75, 1.25]), v.shape[1], model.audio_aligner.host_times(40))
-        tokens, times = torch.cat([v.flatten(0, 1), a])[torch.tensor(idx.tolist(), device=cuda)], torch.tensor(times.tolist(), device=cuda)
+        tokens = torch.cat([v.flatten(0, 1), a])[torch.tensor(idx.tolist(), device=cuda)]
+        times = torch.tensor(times.tolist(), device=cuda)
         av = tokens + model.time_embed(times)
         ids = torch.zeros(2, 7, dtype=torch.long, device=cuda)
         x = torch.cat([model.decoder.embed(ids[:, :3]), av.expand(2, -1, -1), model.decoder.embed(ids[:, 3:])], 1)

@@ -414,3 +414,92 @@ def test_prompt_is_the_processors(ckpts):
         {"num_audio_tokens": [67]}, 0, position_id_per_seconds=25, seconds_per_chunk=2.0)
     assert "You are a helpful assistant." in text
     assert model.tok.encode(text.replace("<|VIDEO|>", av)) == our_sequence(model, block)
+
+
+def test_thinker_sft_trains_float32_masters_and_refuses_avnano_losses(ckpts):
+    """train_sft --init OMNI_DIR: a thinker loaded in bfloat16 (as on CUDA) and set to the sft stage trains float32
+    master weights (its frozen weights stay bfloat16); --ground-weight / --word-swap / --ot-weight are refused by name."""
+    import argparse
+    from avnano.errors import InputError
+    from avnano.training import model_args, released_omni
+    from train_sft import STAGES
+    _, dirs = ckpts
+    p = argparse.ArgumentParser()
+    model_args(p, architecture=True)
+    for flag in (["--ground-weight", "0.5"], ["--word-swap", "0.1"], ["--ot-weight", "0.1"]):
+        with pytest.raises(InputError, match=flag[0]):
+            released_omni(load_omni(dirs["thinker"]), p.parse_args(["--init", dirs["thinker"], *flag]), p)
+    for lora_r, stage in ((4, {"aligners", "lora"}), (0, {"aligners", "decoder"})):  # train_sft's sft with and without LoRA
+        model = released_omni(load_omni(dirs["thinker"], dtype=torch.bfloat16),
+                              p.parse_args(["--init", dirs["thinker"], "--lora-r", str(lora_r)]), p)
+        model.set_trainable(STAGES["sft"] if lora_r else stage)
+        trained = {n: q.dtype for n, q in model.named_parameters() if q.requires_grad}
+        assert trained and set(trained.values()) == {torch.float32}, trained
+        assert "visual.merger.mlp.0.weight" in trained and any(("lora_" in n) == bool(lora_r) for n in trained)
+        assert model.visual.blocks[0].attn.q.weight.dtype == torch.bfloat16  # frozen: stays bfloat16
+        video, mel = clip_inputs(seconds=1.3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the mixed model runs as train_sft runs it on CUDA
+            block = model.encode([(video, mel)])[0]
+            ids, mask = model.render("A red square.")
+            h, x = model.hidden_states([block], [ids], [mask])
+            loss = torch.nn.functional.cross_entropy(model.decoder.logits(h[0][x.labels[0] != -100]).float(),
+                                                     x.labels[0][x.labels[0] != -100])
+        loss.backward()
+        assert all(q.grad is not None and q.grad.dtype == torch.float32 for q in model.parameters() if q.requires_grad)
+
+
+def test_preprocess_resizes_with_the_cpu_uint8_kernel_for_frames_on_any_device(ckpts):
+    """Frames that a loader moved to an accelerator get the same uint8 resize as the CPU frames sample.py reads (the
+    float32 path torchvision takes on a GPU differs by a few levels on these frames): training sees what sampling sees."""
+    import torch.nn.functional as F
+    from avnano import omni_video
+    _, dirs = ckpts
+    model = load_omni(dirs["thinker"])
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (4, 50, 70, 3), dtype=torch.uint8, generator=g)  # resized to 56 x 56
+    wav = torch.randn(16000, generator=g) * 0.1
+    x = frames.permute(0, 3, 1, 2).contiguous()
+    uint8 = F.interpolate(x, size=(56, 56), mode="bicubic", antialias=True, align_corners=False)
+    floats = F.interpolate(x.float(), size=(56, 56), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255).round()
+    assert (floats - uint8.float()).abs().max() >= 1  # the two paths do differ here
+    (want, grid, _), mel = model.preprocess(frames.numpy(), wav.numpy())
+    assert grid == (2, 4, 4) and torch.equal(want, omni_video.patchify(omni_video.normalise(uint8))[0])
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+    for device in devices:
+        (got, _, _), got_mel = model.preprocess(frames.to(device), wav.to(device))
+        assert got.device.type == "cpu" and torch.equal(got, want) and torch.equal(got_mel, mel), device
+
+
+def test_omni_flops_by_hand(ckpts):
+    """avnano/omni_flops.py against a count by hand from the tiny config (thinker_config): one clip of 4 frames at
+    56 x 224 (2 temporal patches of a 4 x 16 grid) and 1.5 s of audio, trained as train_sft's sft stage with a LoRA."""
+    from avnano.omni_audio import audio_token_count
+    from avnano.omni_flops import OmniFlopCounter
+    from avnano.training import add_lora
+    _, dirs = ckpts
+    model = load_omni(dirs["thinker"])
+    add_lora(model, 4, 8.0)
+    model.set_trainable({"aligners", "lora"})
+    frames, wav = torch.zeros(4, 56, 224, 3, dtype=torch.uint8), torch.full((24000,), 0.1)
+    ids, mask = model.render("A red square.")
+    # vision: patches 2 x 4 x 16 = 128, 32 merged tokens; windows of 112 / 14 = 8 patches: two 4 x 8 windows a group
+    P, merged = 128, 32
+    patch = 32 * 3 * 2 * 14 * 14                  # Conv3d, frozen: 2N
+    vblock = 4 * 32 * 32 + 3 * 32 * 64            # q, k, v, proj + gate, up, down
+    vpairs = 2 * (2 * 32 ** 2 + 64 ** 2)          # 2 groups x (window block: 2 windows of 32; full block: 64)
+    merger = 128 * 128 + 128 * 64                 # trained, gradient at its input by flops.py's rule: 6N
+    vision = 2 * patch * P + 2 * 2 * vblock * P + 4 * 32 * vpairs + 6 * merger * merged
+    # audio: 150 mel frames -> 75 after the stride-2 conv (one 100-token chunk) -> 37 after pooling
+    T, stem, n = 150, 75, 37
+    assert audio_token_count(T) == n
+    conv1, conv2, ablock, proj = 32 * 128 * 3, 32 * 32 * 3, 4 * 32 * 32 + 2 * 32 * 64, 32 * 64
+    audio = 2 * conv1 * T + 2 * conv2 * stem + 2 * 2 * ablock * stem + 4 * 32 * 2 * stem ** 2 + 6 * proj * n
+    # decoder: the 3 tag ids become vbos abos [32 video + 37 audio] aeos veos; frozen blocks with gradients passing (4N)
+    # and their LoRA (r (in + out) per matrix, trained: 6N); causal attention pairs; the frozen head on the labels
+    L = len(ids) - 3 + 4 + merged + n
+    dblock, lora_ = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128), 2 * 4 * (128 + 96 + 96 + 128 + 3 * 192)
+    decoder = 4 * dblock * L + 6 * lora_ * L + 2 * 4 * 64 * (L * (L + 1) // 2) * 3 + 4 * 320 * 64 * sum(mask)
+    counter = OmniFlopCounter(model)
+    assert counter.clip(frames, len(wav), len(ids), sum(mask)) == vision + audio + decoder
+    assert counter.batch([(None, frames, None, wav)], [ids], [mask]) == vision + audio + decoder
+    assert counter.batch([(None, frames, None, torch.zeros(24000))], [ids], [mask]) < vision + audio + decoder  # silence: no audio

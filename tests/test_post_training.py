@@ -75,7 +75,8 @@ def test_normalisation_modes_by_hand():
 
 
 def test_completion_includes_first_eos_only():
-    assert up_to_eos([[5, 7, 2, 9, 2], [2, 1, 1, 1, 1], [4, 4, 4, 4, 4], [3, 0, 1]], [2, 0]) == [[5, 7, 2], [2], [4, 4, 4, 4, 4], [3, 0]]
+    rows = [[5, 7, 2, 9, 2], [2, 1, 1, 1, 1], [4, 4, 4, 4, 4], [3, 0, 1]]
+    assert up_to_eos(rows, [2, 0]) == [[5, 7, 2], [2], [4, 4, 4, 4, 4], [3, 0]]
 
 
 def test_dialogue_reward_cases():
