@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import torch
 import transformers
@@ -28,15 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avnano.generate import CACHE_DIR, compile_for_sampling, generate  # noqa: E402
 from avnano.weights import load_decoder  # noqa: E402
-
-
-def best_time(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+from tests.helpers import best_time  # noqa: E402
 
 
 def files_under(path):

@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avnano.generate import generate  # noqa: E402
 from avnano.omni import load_omni  # noqa: E402
+from tests.helpers import best_time  # noqa: E402
 from tests.test_omni import IDS, hf_inputs, our_sequence, write_tokenizer  # noqa: E402
 
 
@@ -34,15 +34,6 @@ def config():
                            fullatt_block_indexes=[3, 7]),
         audio_config=dict(d_model=384, encoder_layers=8, encoder_attention_heads=6, encoder_ffn_dim=1536, output_dim=512,
                           max_source_positions=1500, n_window=100), **IDS)
-
-
-def best(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def main():
@@ -91,8 +82,8 @@ def main():
     t1, tk, outs = {k: float("inf") for k, _ in runs}, {k: float("inf") for k, _ in runs}, {}
     for _ in range(args.repeats):  # interleaved, so both see the same machine load; the best of each is kept
         for name, fn in runs:
-            t1[name] = min(t1[name], best(lambda: fn(1), 1)[0])
-            t, outs[name] = best(lambda: fn(args.new_tokens), 1)
+            t1[name] = min(t1[name], best_time(lambda: fn(1), 1)[0])
+            t, outs[name] = best_time(lambda: fn(args.new_tokens), 1)
             tk[name] = min(tk[name], t)
     same = outs["avnano"].tolist() == outs["transformers"].tolist()
     rate = {k: (args.new_tokens - 1) / (tk[k] - t1[k]) for k in tk}

@@ -100,8 +100,8 @@ def batch(store, idx):
     return items, time.perf_counter() - t0
 
 
-def step(model, optimizer, items, new_code):
-    """One train_sft.py step (one micro-batch) -> the logged numbers."""
+def step(model, optimizer, items, new_code, optimize=True):
+    """One train_sft.py step (one micro-batch) -> the logged numbers; optimize=False stops before optimizer.step()."""
     optimizer.zero_grad(set_to_none=True)
     ids, masks = zip(*(model.render(r["caption"]) for r, *_ in items))
     ground = [grounding.spans(r.get("events", [])) for r, *_ in items]
@@ -109,7 +109,8 @@ def step(model, optimizer, items, new_code):
     out["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     reads = logged_reads(out, grad_norm, new_code)
-    optimizer.step()
+    if optimize:
+        optimizer.step()
     return reads
 
 
@@ -152,13 +153,7 @@ def bench_preset(name, store, args, new_code):
     items = batch(store, idx[2 % n])[0]
     mode = Reads()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof, mode:
-        optimizer.zero_grad(set_to_none=True)
-        ids, masks = zip(*(model.render(r["caption"]) for r, *_ in items))
-        ground = [grounding.spans(r.get("events", [])) for r, *_ in items]
-        out = model([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        logged_reads(out, grad_norm, new_code)
+        step(model, optimizer, items, new_code, optimize=False)
     c = counts(prof)
     res.update(aten_ops_step=c["aten_ops"], syncs_step=c["syncs"] + mode.reads, h2d_step=mode.h2d)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -57,3 +58,13 @@ def assert_prints_caption(out, text):
         assert out == text + "\n", (out, text)
     else:
         assert out.startswith("(empty caption") and out.count("\n") == 1, out
+
+
+def best_time(fn, repeats):
+    """(fastest of `repeats` calls of fn in seconds, the last call's result): the benchmarks' timer."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
