@@ -67,6 +67,8 @@ def main():
                    "mix, their colour words untrained (avnano/augment.py; for unseen colour-shape pairs)")
     g.add_argument("--shape-blind", type=float, default=0.0, help="share of training clips seen as blocks of mean colour, "
                    "their shape words untrained (avnano/augment.py)")
+    g.add_argument("--shape-blur", type=int, default=0, help="shape-blind views: a box blur of this odd width instead "
+                   "of 16 x 16 blocks of mean colour")
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
@@ -132,7 +134,7 @@ def main():
                     ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
                     if args.colour_blind or args.shape_blind:
                         items, ids, masks, ground = blind_views(items, ids, masks, ground, kinds, args.colour_blind,
-                                                                args.shape_blind, gen)
+                                                                args.shape_blind, gen, blur=args.shape_blur)
                     out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
                 (out["loss"] / len(micro)).backward()  # the mean over the micro-batches that ran
             sums[:4] += torch.stack([out[k].detach().float() for k in keys[:4]]) / len(micro)

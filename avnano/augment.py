@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
-def blind_views(items, ids, masks, ground, kinds, p_colour, p_shape, generator, block=16):
+def blind_views(items, ids, masks, ground, kinds, p_colour, p_shape, generator, block=16, blur=0):
     """items: [(row, frames uint8 (n, H, W, 3), times, audio)]; ids / masks: per clip rendered token ids and loss
     masks; ground: per clip grounding.spans() (or None); kinds: ((colour token ids, colour words), (shape token ids,
-    shape words)). Each clip becomes colour-blind with probability p_colour, or shape-blind with probability p_shape.
+    shape words)). Each clip becomes colour-blind with probability p_colour, or shape-blind with probability p_shape
+    (blocks of mean colour, or with blur > 0 a blur x blur box blur: a softer blob, closer to the sharp frames).
     Returns new (items, ids, masks, ground); the inputs are not modified."""
     items, ids, masks = list(items), [list(i) for i in ids], [list(m) for m in masks]
     ground = None if ground is None else list(ground)
@@ -33,6 +34,9 @@ def blind_views(items, ids, masks, ground, kinds, p_colour, p_shape, generator, 
         if kind == 0:
             mix = torch.rand(3, 3, generator=generator).to(frames.device)  # one random colour map for the whole clip
             seen = (frames.float() @ mix.T).clamp(0, 255)
+        elif blur:
+            x = frames.float().permute(0, 3, 1, 2)
+            seen = F.avg_pool2d(x, blur, stride=1, padding=blur // 2, count_include_pad=False).permute(0, 2, 3, 1)
         else:
             n, H, W, C = frames.shape
             means = frames.float().view(n, H // block, block, W // block, block, C).mean((2, 4), keepdim=True)

@@ -60,3 +60,13 @@ def test_no_view_when_not_drawn():
     item, ids, mask, ground = clip()
     out = blind_views([item], [ids], [mask], [ground], KINDS, 0.0, 0.0, torch.Generator().manual_seed(0))
     assert out[1] == [ids] and out[2] == [mask] and out[3] == [ground] and torch.equal(out[0][0][1], item[1])
+
+
+def test_shape_blind_blur_is_a_box_blur_clipped_at_the_border():
+    item, ids, mask, ground = clip()
+    (out,), _, (new_mask,), _ = blind_views([item], [ids], [mask], [ground], KINDS, 0.0, 1.0, torch.Generator(), blur=5)
+    f = item[1].numpy().astype(np.float64)
+    for t, y, x in ((0, 5, 7), (0, 0, 0), (1, 31, 22)):  # inside, a corner, the bottom edge
+        window = f[t, max(0, y - 2):y + 3, max(0, x - 2):x + 3].reshape(-1, 3)
+        assert out[1][t, y, x].tolist() == np.round(window.mean(0)).astype(int).tolist()
+    assert new_mask == [0, 0, 0, 1, 0, 1, 1]
