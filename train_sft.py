@@ -72,7 +72,8 @@ def main():
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
-                   "logged numbers stay on the device in between: one read per line)")
+                   "logged numbers stay on the device in between: one read per line; a non-finite gradient is found at the next "
+                   "line, before any checkpoint is written)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     g.add_argument("--peak-flops", type=float, default=989e12, help="bf16 dense peak of one GPU for MFU (H100 / H200 SXM: "
                    "989e12); the log's mfu = step FLOPs of all ranks / (step seconds x peak x ranks), n/a on a CPU")
@@ -109,7 +110,7 @@ def main():
     loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device="cpu" if host else device)
     stream = loader.iterate(state["epoch"], state["batch"])
     gen = torch.Generator().manual_seed(args.seed + 1000 * state["step"])  # host randomness of --colour-blind / --shape-blind
-    kinds = [([i[0] for w in words if len(i := model.tok.encode(" " + w)) == 1], words) for words in (COLOURS, SHAPES)]
+    kinds = [(model.tok.word_ids(words), words) for words in (COLOURS, SHAPES)]
     flop_counter = (OmniFlopCounter if getattr(model, "omni", False) else FlopCounter)(model)  # after set_trainable
     t_start, step_time = time.perf_counter(), 0.0
     keys = ("loss", "ce", "ot", "ground", "grad_norm", "not_finite")

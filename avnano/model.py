@@ -133,8 +133,7 @@ class AVCaptioner(Captioner):
         if cfg.lora_r > 0:
             lora.inject(self.decoder, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.av_id = tok.token_id(AV)
-        swap = [i for w in cfg.swap_words if len(i := tok.encode(" " + w)) == 1]  # words that are one token
-        self.register_buffer("swap_ids", torch.tensor(swap, dtype=torch.long).flatten(), persistent=False)
+        self.register_buffer("swap_ids", torch.tensor(tok.word_ids(cfg.swap_words), dtype=torch.long), persistent=False)
 
     # ----------------------------------------------------------------------------------- encoders
     def encode_visual(self, frames_list, prev=None, split=True):

@@ -122,6 +122,10 @@ class Tokenizer:
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def word_ids(self, words):
+        """Ids of the words that are a single token where a caption has them (after a space); others are left out."""
+        return [ids[0] for w in words if len(ids := self.encode(" " + w)) == 1]
+
     def decode(self, ids, skip_special=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
