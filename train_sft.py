@@ -164,7 +164,7 @@ def main():
                 f"lr={lr:.2e} grad_norm={mean['grad_norm']:.3f} tok/s={n_seq * world / dt:.0f} step_s={dt / n_steps:.3f} "
                 f"data_wait={(loader.wait_seconds - wait0) / dt:.3f} skipped={len(store.bad)}")
         # MFU against the GPU's bf16 peak; a CPU has no agreed peak, so its line gives the achieved rate alone
-        line += f" mfu={mfu(step_flops, dt, args.peak_flops, world):.4f}" if "cuda" in device else " mfu=n/a(cpu)"
+        line += f" mfu={mfu(step_flops, dt, args.peak_flops):.4f}" if "cuda" in device else " mfu=n/a(cpu)"
         line += f" tflop/s={step_flops * world / dt / 1e12:.4f}"
         log(line)
         sums.zero_()

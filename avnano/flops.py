@@ -33,9 +33,10 @@ from .lora import LoRALinear
 PEAK_FLOPS = {"H100/H200 SXM bf16 dense": 989e12}  # DESIGN.md section 11
 
 
-def mfu(flops_per_rank, seconds, peak_per_gpu, world=1):
-    """Model FLOPs utilisation: all ranks' FLOPs over all GPUs' peak (ranks run equal batches)."""
-    return flops_per_rank * world / (seconds * peak_per_gpu * world)
+def mfu(flops_per_rank, seconds, peak_per_gpu):
+    """Model FLOPs utilisation of one rank: its FLOPs over one GPU's peak. Ranks run equal batches, so this equals all
+    ranks' FLOPs over (peak per GPU x ranks); the old log line multiplied by the ranks and divided by one peak."""
+    return flops_per_rank / (seconds * peak_per_gpu)
 
 
 def _weights(modules):

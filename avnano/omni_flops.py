@@ -8,7 +8,7 @@ full-attention blocks; audio: ceil(T / 2) tokens after the stride-2 conv, attent
 tokens); the decoder: causal over prompt + AV block + caption. Left out as in flops.py: biases, norms, activations.
 """
 from .flops import _attn, _mm, _trains, _weights
-from .omni_audio import audio_token_count
+from .omni_audio import MAX_FRAMES, audio_token_count
 from .omni_video import frame_size
 
 
@@ -47,7 +47,7 @@ class OmniFlopCounter:
             flops += _mm(self.merger, P // v.spatial_merge_size ** 2, self.merger_grad)
             n_av += P // v.spatial_merge_size ** 2
         if n_samples:
-            T = -(-n_samples // 160)
+            T = min(-(-n_samples // 160), MAX_FRAMES)  # the features' cap (omni_audio.audio_features)
             stem, n = -(-T // 2), audio_token_count(T)
             chunk = a.n_window  # tokens of a 2 s chunk after the stride-2 conv
             pairs = a.n_layers * sum(min(chunk, stem - s) ** 2 for s in range(0, stem, chunk))

@@ -222,7 +222,7 @@ def busy_share(args, preset_name, batch_size, steps=5):
         t0 = time.perf_counter()
         flops = sum(step() for _ in range(steps))
         sync()
-        util = mfu(flops, time.perf_counter() - t0, PEAK, 1) if args.device == "cuda" else float("nan")
+        util = mfu(flops, time.perf_counter() - t0, PEAK) if args.device == "cuda" else float("nan")
         kind = DeviceType.CUDA if args.device == "cuda" else DeviceType.CPU
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
         with profile(activities=acts) as prof:
