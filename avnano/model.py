@@ -27,6 +27,7 @@ import torch
 from . import grounding, layout, lora
 from .audio import AudioConfig, AudioEncoder, MelSegments, mel_segments
 from .captioner import Captioner
+from .colour import ColourStream, colour_mixed
 from .decoder import Decoder, DecoderConfig
 from .interleave import SegmentEmbedding, TimeEmbedding, WindowQFormer, make_aligner, make_audio_aligner
 from .layout import assemble
@@ -46,6 +47,8 @@ class AVConfig:
     max_frames: int = 16             # ... capped at m frames (video-SALMONN 2)
     visual_aligner: str = "mlp"      # linear | mlp
     visual_delta: bool = False       # aligner also sees each frame's per-patch change from the previous frame
+    colour_stream: int = 0           # > 0: width of a shape-blind colour stream added to the visual token (colour.py)
+    colour_mix: float = 0.0          # training: share of clips the ViT sees through a random colour mix (colour.py)
     audio_aligner: str = "qformer"   # linear | mlp | qformer
     window: float = 0.5              # Q-Former window in seconds (2 audio tokens / s)
     n_queries: int = 1               # Q-Former queries per window
@@ -114,7 +117,7 @@ def preset(name, vocab_size, **overrides):
 
 class AVCaptioner(Captioner):
     """The avnano captioner (render, loss tail, log-probs, sampling, parameter groups: captioner.Captioner)."""
-    ALIGNERS = ("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.")
+    ALIGNERS = ("visual_aligner.", "audio_aligner.", "segment_embed.", "time_embed.", "colour_stream.", "colour_aligner.")
     media_tag = f"{AV}\n"
     mask_kind = property(lambda self: self.cfg.mask)
 
@@ -125,7 +128,10 @@ class AVCaptioner(Captioner):
         self.vit = vit or ViT(cfg.vit)
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
-        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * (3 if cfg.visual_delta else 1), D)
+        views = 3 if cfg.visual_delta else 1  # the merged token, and its rises and falls since the previous frame
+        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * views, D)
+        self.colour_stream = ColourStream(cfg.vit.patch_size, cfg.colour_stream) if cfg.colour_stream else None
+        self.colour_aligner = make_aligner(cfg.visual_aligner, cfg.colour_stream * views, D) if cfg.colour_stream else None
         self.audio_aligner = make_audio_aligner(cfg.audio_aligner, cfg.audio.dim, D, cfg.audio.tokens_per_second, cfg.window,
                                                 cfg.n_queries)
         self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
@@ -144,13 +150,23 @@ class AVCaptioner(Captioner):
         if sum(counts) == 0 or "v" not in self.cfg.modalities:
             x = torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device)
             return [x] * len(counts) if split else x
-        pixels = preprocess(torch.cat([f for f in frames_list if len(f)]).to(self.device), self.cfg.vit)
-        h = self.vit.patches(pixels.to(self.dtype))
-        x = self.vit.merge(h)
-        if self.cfg.visual_delta:  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
-            d = h - h[torch.as_tensor(predecessors(counts), device=self.device) if prev is None else prev]
-            x = torch.cat([x, self.vit.merge(d), self.vit.merge(-d)], -1)
-        x = self.visual_aligner(x)
+        frames = torch.cat([f for f in frames_list if len(f)]).to(self.device)
+        pixels = preprocess(frames, self.cfg.vit).to(self.dtype)
+        if self.cfg.visual_delta and prev is None:
+            prev = torch.as_tensor(predecessors(counts), device=self.device)
+
+        def merged(h):  # per-patch features -> the frame's token(s), with their rises and falls (visual_delta)
+            if not self.cfg.visual_delta:
+                return self.vit.merge(h)
+            d = h - h[prev]  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
+            return torch.cat([self.vit.merge(h), self.vit.merge(d), self.vit.merge(-d)], -1)
+
+        seen = pixels  # the ViT's view: with the colour stream, a random colour mix per clip in training (colour.py)
+        if self.colour_stream is not None and self.training and self.cfg.colour_mix > 0:
+            seen = preprocess(colour_mixed(frames, [c for c in counts if c], self.cfg.colour_mix), self.cfg.vit).to(self.dtype)
+        x = self.visual_aligner(merged(self.vit.patches(seen)))
+        if self.colour_stream is not None:
+            x = x + self.colour_aligner(merged(self.colour_stream(pixels)))
         return list(x.split(counts)) if split else x
 
     def encode_audio(self, audio_list, plan=None, split=True):

@@ -24,8 +24,9 @@ from .weights import read_config
 # Flags that name an AVConfig field. --init keeps the checkpoint's architecture (a different value is
 # refused by name); the loss weights are this run's objective, so --init applies them.
 ARCHITECTURE = ("interleave", "air", "chunk_seconds", "time_positions", "time_embed", "mask", "modalities", "ot_fusion", "fps",
-                "max_frames", "visual_aligner", "visual_delta", "audio_aligner", "window", "n_queries")
-LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing", "word_dropout", "word_swap")
+                "max_frames", "visual_aligner", "visual_delta", "audio_aligner", "window", "n_queries",
+                "colour_stream")
+LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing", "word_dropout", "word_swap", "colour_mix")
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -67,6 +68,10 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
                        "training, so words come from the AV block, not from the words before (ours)")
         g.add_argument("--word-swap", type=float, default=0.0, help="share of the caption's colour words fed to the "
                        "decoder as a random colour in training (labels kept), so the shape is read from the video (ours)")
+        g.add_argument("--colour-stream", type=int, default=None, help="width of a shape-blind colour stream summed into "
+                       "each visual token (avnano/colour.py; 0 = off; default: the preset's)")
+        g.add_argument("--colour-mix", type=float, default=None, help="with the colour stream: share of training clips the "
+                       "ViT sees through a random colour mix, so it learns shapes apart from colours (default: the preset's)")
         g.add_argument("--vit", default=None, help="released SigLIP / CLIP directory (with --audio and --llm: a captioner "
                        "from released towers, fresh aligners, the LLM's tokenizer and chat template)")
         g.add_argument("--audio", default=None, help="released Whisper directory (its encoder half is used)")
@@ -183,8 +188,8 @@ def build_model(args, train_rows, parser):
              if getattr(args, k) != parser.get_default(k) and getattr(args, k) != v]
     if clash:
         raise InputError(args.init, "--init keeps the checkpoint's architecture; cannot apply " + ", ".join(clash))
-    for k in LOSS_WEIGHTS:
-        setattr(cfg, k, getattr(args, k))
+    for k in LOSS_WEIGHTS:  # training perturbations a flag leaves unset (None) are off
+        setattr(cfg, k, getattr(args, k) or 0.0)
     add_lora(model, args.lora_r, args.lora_alpha)
     return model
 
@@ -195,8 +200,8 @@ def released_omni(model, args, parser):
     Refused by name when not at the parser's default: an architecture flag; --ot-weight and --ground-weight (the thinker
     has no OT loss and no grounding head: the scripts' default --ground-weight 1.0 is fine, any other value is refused);
     --word-swap (not applied to the thinker)."""
-    given = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE + ("preset", "vocab", "merge", "ot_weight", "ground_weight", "word_swap")
-             if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
+    given = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE + ("preset", "vocab", "merge", "ot_weight", "ground_weight", "word_swap",
+                                                           "colour_mix") if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
     if given:
         raise InputError(args.init, f"a Qwen2.5-Omni thinker keeps its own architecture; cannot apply {', '.join(given)}")
     model.cfg.label_smoothing, model.cfg.word_dropout = args.label_smoothing, args.word_dropout
