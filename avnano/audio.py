@@ -107,7 +107,17 @@ def mel_segments(wav, cfg):
     pieces = [wav[start:start + seg] for start in range(0, max(len(wav), 1), seg)]
     with torch.autocast(wav.device.type, enabled=False):
         mels = [log_mel(w.float(), cfg.n_mels, cfg.exact, cfg.max_seconds)[0] for w in pieces]
-    return MelSegments(mels, [max(1, cfg.n_tokens(len(w) // HOP)) for w in pieces])
+    return MelSegments(mels, [n for _, n in segment_sizes(wav, cfg)])
+
+
+def segment_sizes(audio, cfg):
+    """[(mel frames, encoder tokens of real audio)] per segment of a waveform or of MelSegments: the sizes
+    mel_segments gives (the one place the per-segment token count is computed), without the log-mel."""
+    if isinstance(audio, MelSegments):
+        return [(m.shape[-1], n) for m, n in zip(audio.mels, audio.tokens)]
+    seg = int(cfg.max_seconds * SAMPLE_RATE)
+    lens = [min(seg, len(audio) - start) for start in range(0, max(len(audio), 1), seg)]
+    return [(seg // HOP if cfg.exact else max(n, N_FFT) // HOP, max(1, cfg.n_tokens(n // HOP))) for n in lens]
 
 
 @dataclass
@@ -135,10 +145,11 @@ class AudioConfig:
         return -(-stem // self.pool)
 
 
-def sinusoids(length, channels, max_timescale=10000):
-    """Whisper's sinusoidal table (only used to initialise a fresh encoder; released ones are loaded)."""
+def sinusoids(length, channels, max_timescale=10000, dtype=None):
+    """Whisper's sinusoidal table: initialises a fresh Whisper encoder (released ones are loaded) in the default
+    dtype; Qwen2.5-Omni's audio tower computes it with dtype=float32, as its released model does."""
     inc = math.log(max_timescale) / (channels // 2 - 1)
-    inv = torch.exp(-inc * torch.arange(channels // 2))
+    inv = torch.exp(-inc * torch.arange(channels // 2, dtype=dtype))
     t = torch.arange(length)[:, None] * inv[None]
     return torch.cat([t.sin(), t.cos()], dim=1)
 

@@ -2,15 +2,16 @@
 
 A ViT patch embedding sees a patch's colour and outline together, and what it learns is tied to the pairs it was
 trained on: the toy world's training split never shows a red triangle, and a captioner with the ViT alone named
-3 % of unseen-pair objects right (README). Here a frame's visual token is the sum of two parts that can each only
-carry one attribute:
-- the colour stream: a learned per-pixel feature max-pooled over each patch, a bag of the colours present
-  (the same vector for any outline of the same colour: shape-blind by construction);
+3 % of unseen-pair objects right (README). Here a frame's visual token is the sum of two parts that can each carry
+only one attribute, each through its own aligner (model.encode_visual):
+- the colour stream: a learned per-pixel feature max-pooled over each patch, a bag of the colours present, and of
+  the colours that rose or fell at some pixel since the previous frame (the same vectors for any outline of the same
+  colour: shape-blind by construction);
 - the ViT, fed during training the frames of each clip through one random 3 x 3 colour mix (SimCLR's colour
   distortion, Chen et al. 2020), so its features of an outline cannot depend on the colour it comes in.
-Both are merged over the frame and taken as changes since the previous frame in the same way (model.encode_visual),
-and each goes through its own aligner; their sum is the token, so a pair never trained on is the sum of two parts
-that each were.
+A pair never trained on is then the sum of two parts that each were. Tried and dropped (README): fusing the two per
+patch before the frame's merge (it keeps which colour goes with which outline, and lets the colour read depend on the
+outline again).
 """
 import torch
 import torch.nn as nn
@@ -18,19 +19,25 @@ import torch.nn.functional as F
 
 
 class ColourStream(nn.Module):
-    """Pixels (N, 3, S, S), normalised -> (N, grid * grid, width): per patch, the max over its pixels of one learned
-    per-pixel feature layer (a 1 x 1 convolution and GELU). Read at half resolution (2 x 2 means): colour needs no fine
-    detail, and a full-resolution pass costs several times the whole tiny ViT (measured: 0.21 s against 0.05 s for a
-    forward + backward of 256 frames on one core)."""
+    """Pixels (N, 3, S, S), normalised -> (N, grid * grid, width * 3) per patch: the max over the patch's pixels of one
+    learned per-pixel feature layer f (a 1 x 1 convolution and GELU; the colours present), and with prev (each frame's
+    predecessor index) the max of f's rise and of its fall since the previous frame, taken per pixel before the max (the
+    colours of whatever appeared, left or moved in the patch: a change of the patch's max would miss an object that moves
+    inside the patch, or one that passes in front of a patch that has its colour). Read at half resolution (2 x 2 means):
+    colour needs no fine detail, and a full-resolution pass costs several times the whole tiny ViT (0.21 s against
+    0.05 s for a forward + backward of 256 frames on one core)."""
 
     def __init__(self, patch_size, width, pool=2):
         super().__init__()
         self.patch_size, self.pool = patch_size, pool
         self.pixel = nn.Conv2d(3, width, 1)
 
-    def forward(self, pixels):
-        x = F.gelu(self.pixel(F.avg_pool2d(pixels, self.pool)))
-        return F.max_pool2d(x, self.patch_size // self.pool).flatten(2).transpose(1, 2)
+    def forward(self, pixels, prev=None):
+        f = F.gelu(self.pixel(F.avg_pool2d(pixels, self.pool)))
+        if prev is not None:
+            d = f - f[prev]
+            f = torch.cat([f, d.clamp(min=0), (-d).clamp(min=0)], 1)
+        return F.max_pool2d(f, self.patch_size // self.pool).flatten(2).transpose(1, 2)
 
 
 def colour_mixed(frames, counts, p=1.0):

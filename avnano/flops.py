@@ -27,7 +27,7 @@ import math
 
 import torch.nn as nn
 
-from .audio import HOP, N_FFT, SAMPLE_RATE, MelSegments
+from .audio import segment_sizes
 from .lora import LoRALinear
 
 PEAK_FLOPS = {"H100/H200 SXM bf16 dense": 989e12}  # DESIGN.md section 11
@@ -99,13 +99,7 @@ class FlopCounter:
     # ------------------------------------------------------------------------------- token counts (host numbers)
     def audio_segments(self, audio):
         """[(mel frames, encoder tokens of real audio)] per segment of a waveform or of MelSegments."""
-        a = self.cfg.audio
-        if isinstance(audio, MelSegments):
-            return [(m.shape[-1], n) for m, n in zip(audio.mels, audio.tokens)]
-        seg = int(a.max_seconds * SAMPLE_RATE)
-        lens = [min(seg, len(audio) - s) for s in range(0, max(len(audio), 1), seg)]
-        frames = [int(a.max_seconds * SAMPLE_RATE) // HOP if a.exact else max(n, N_FFT) // HOP for n in lens]
-        return [(f, max(1, a.n_tokens(n // HOP))) for f, n in zip(frames, lens)]
+        return segment_sizes(audio, self.cfg.audio)
 
     def av_tokens(self, n_visual, n_frames, n_audio):
         """Tokens of the AV block the interleaver makes from n_visual visual and n_audio audio tokens."""

@@ -131,7 +131,8 @@ class AVCaptioner(Captioner):
         views = 3 if cfg.visual_delta else 1  # the merged token, and its rises and falls since the previous frame
         self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * views, D)
         self.colour_stream = ColourStream(cfg.vit.patch_size, cfg.colour_stream) if cfg.colour_stream else None
-        self.colour_aligner = make_aligner(cfg.visual_aligner, cfg.colour_stream * views, D) if cfg.colour_stream else None
+        group = cfg.vit.token_dim // cfg.vit.dim  # patches per token whose features a merge concatenates (1: max or mean)
+        self.colour_aligner = make_aligner(cfg.visual_aligner, cfg.colour_stream * views * group, D) if cfg.colour_stream else None
         self.audio_aligner = make_audio_aligner(cfg.audio_aligner, cfg.audio.dim, D, cfg.audio.tokens_per_second, cfg.window,
                                                 cfg.n_queries)
         self.segment_embed = SegmentEmbedding(cfg.max_segments, D)
@@ -165,8 +166,8 @@ class AVCaptioner(Captioner):
         if self.colour_stream is not None and self.training and self.cfg.colour_mix > 0:
             seen = preprocess(colour_mixed(frames, [c for c in counts if c], self.cfg.colour_mix), self.cfg.vit).to(self.dtype)
         x = self.visual_aligner(merged(self.vit.patches(seen)))
-        if self.colour_stream is not None:
-            x = x + self.colour_aligner(merged(self.colour_stream(pixels)))
+        if self.colour_stream is not None:  # the colour part of the token: its own stream and aligner (colour.py)
+            x = x + self.colour_aligner(self.vit.merge(self.colour_stream(pixels, prev if self.cfg.visual_delta else None)))
         return list(x.split(counts)) if split else x
 
     def encode_audio(self, audio_list, plan=None, split=True):

@@ -16,7 +16,6 @@ Tower, per clip of T mel frames:
 Departures: none in the numerics. transformers clamps float16 activations after every block; avnano does not
 run this tower in float16 (bfloat16 / float32 / float64 only).
 """
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import masks
-from .audio import HOP, N_FFT, SAMPLE_RATE, log_mel
+from .audio import HOP, N_FFT, SAMPLE_RATE, log_mel, sinusoids
 from .errors import InputError
 from .transformer import EncoderBlock, block_keymap, run_block
 
@@ -92,14 +91,6 @@ def audio_features(wav):
     return log_mel(F.pad(wav, (0, padded - wav.shape[0])), N_MELS, exact=False)[0, :, :frames]
 
 
-def positions(n, dim):
-    """Whisper's sinusoids (avnano/audio.py's `sinusoids`) for n positions, always computed in float32 as the
-    released model's table is, whatever the default dtype: a float64 run casts these float32 values up."""
-    inv = torch.exp(-math.log(10000) / (dim // 2 - 1) * torch.arange(dim // 2, dtype=torch.float32))
-    t = torch.arange(n)[:, None] * inv[None]
-    return torch.cat([t.sin(), t.cos()], dim=1)
-
-
 def _batch(features, lengths):
     """The three input forms -> (B, n_mels, T) tensor and a host list of B lengths."""
     if isinstance(features, (list, tuple)):
@@ -144,7 +135,8 @@ class OmniAudio(nn.Module):
                                     for _ in range(cfg.n_layers))
         self.ln_post = nn.LayerNorm(cfg.dim, eps=1e-5)
         self.proj = nn.Linear(cfg.dim, cfg.output_dim)
-        self.register_buffer("pos", positions(cfg.n_window, cfg.dim), persistent=False)  # not a checkpoint key
+        # Whisper's table, float32 whatever the default dtype (a float64 run casts it up); not a checkpoint key
+        self.register_buffer("pos", sinusoids(cfg.n_window, cfg.dim, dtype=torch.float32), persistent=False)
         self.grad_checkpointing = False  # recompute each block in the backward (memory for compute)
 
     def forward(self, features, lengths=None):

@@ -26,7 +26,7 @@ from .errors import InputError
 from .omni_audio import OMNI_AUDIO_UNUSED, OmniAudioConfig, omni_audio_keymap
 from .omni_rope import OmniRopeConfig
 from .omni_vision import OmniVisionConfig, vision_keymap
-from .weights import CONVERT_HINT, PICKLE_SUFFIXES, _rope, decoder_keymap, read_config
+from .weights import CONVERT_HINT, _rope, check_keys, decoder_keymap, read_config, shard_files
 
 FULL, THINKER = "qwen2_5_omni", "qwen2_5_omni_thinker"
 SKIPPED = ("talker.", "token2wav.")  # speech output: not implemented, never read
@@ -172,26 +172,6 @@ def skipped(key, prefix):
 
 
 # ----------------------------------------------------------------------------------------------- files
-def shard_files(path):
-    """The safetensors files of a checkpoint directory: model.safetensors, or every shard its index names."""
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return [single]
-    if os.path.exists(index):
-        weight_map = read_config(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise InputError(index, 'no "weight_map" object naming the shards')
-        files = [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
-        for f in files:
-            if not os.path.isfile(f):
-                raise InputError(f, "missing shard (listed in model.safetensors.index.json)")
-        return files
-    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise InputError(path, f"only pickle weights found ({', '.join(pickles)}). {CONVERT_HINT}")
-    raise InputError(path, "no model.safetensors or model.safetensors.index.json")
-
-
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -261,24 +241,11 @@ def load_weights(model, path, headers, prefix, dtype, device):
     """Fill a meta-built OmniThinker from its checkpoint's files (`headers` from read_headers), tensor by tensor;
     every missing, unexpected and mis-shaped key is named first, in one error, before any weight is read."""
     m, ours = keymap(model, prefix), dict(model.named_parameters())
-    where, problems = {}, []
-    for file, index in headers.items():
-        for key, (_, shape, _, _) in index.items():
-            if skipped(key, prefix):
-                continue
-            if key not in m:
-                problems.append(f"unexpected key {key}")
-                continue
-            where[key], want = file, tuple(ours[m[key]].shape)
-            if shape != want:
-                problems.append(f"wrong shape for {key}: file has {shape}, model expects {want}")
-    problems += [f"missing key {k}" for k in m if k not in where]
-    problems += [f"model key {k} has no source in the key map" for k in sorted(set(ours) - set(m.values()))]
-    if problems:
-        raise InputError(path, "cannot load weights:\n  " + "\n  ".join(sorted(problems)))
+    check_keys(m, {k: p.shape for k, p in ours.items()}, {k: e[1] for index in headers.values() for k, e in index.items()},
+               path, skip=lambda k: skipped(k, prefix))
     for file, index in headers.items():
         with open(file, "rb") as f:
-            for key in sorted((k for k in index if k in where), key=lambda k: index[k][2]):  # file order
+            for key in sorted((k for k in index if k in m), key=lambda k: index[k][2]):  # file order
                 owner, _, name = m[key].rpartition(".")
                 keep = torch.float32 if name.startswith("lora_") else dtype  # adapters stay float32 (lora.py)
                 tensor = read_tensor(f, index[key]).to(device=device, dtype=keep)

@@ -9,7 +9,7 @@ reads a value back. Blocks carry their tokens' times on the host too, so what is
 import numpy as np
 import torch
 
-from .audio import HOP, SAMPLE_RATE, MelSegments
+from .audio import segment_sizes
 from .interleave import WindowQFormer, order
 
 _DTYPES = {np.dtype(np.int64): torch.long, np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool}
@@ -74,14 +74,6 @@ def _numpy(t):
     return (t if t.device.type == "cpu" else t.cpu()).detach().numpy() if torch.is_tensor(t) else np.asarray(t)
 
 
-def segment_tokens(audio, acfg):
-    """Encoder tokens of real audio in each t_max segment of one clip (as audio.mel_segments counts them)."""
-    if isinstance(audio, MelSegments):
-        return list(audio.tokens)
-    seg = int(acfg.max_seconds * SAMPLE_RATE)
-    return [max(1, acfg.n_tokens(min(seg, len(audio) - start) // HOP)) for start in range(0, max(len(audio), 1), seg)]
-
-
 def predecessors(counts):
     """Each frame's previous frame in a batch of clips with `counts` frames (a clip's first frame: itself)."""
     prev, starts = np.arange(sum(counts)) - 1, np.cumsum([0] + list(counts))[:-1]
@@ -101,7 +93,7 @@ def plan_av(plan, model, frames_list, frame_times_list, audio_list):
     if cfg.visual_delta:
         plan.host["av.prev"] = predecessors(frames)
     # audio: pieces (clip, segment) of the padded encoder batch; the aligner's input rows and each token's time
-    pieces = [(c, s, n) for c, a in enumerate(audio_list) for s, n in enumerate(segment_tokens(a, acfg))] \
+    pieces = [(c, s, n) for c, a in enumerate(audio_list) for s, (_, n) in enumerate(segment_sizes(a, acfg))] \
         if "a" in cfg.modalities else []
     atimes, piece_idx, frame_idx, pad, seg = [[] for _ in audio_list], [], [], [], []
     for p, (c, s, n) in enumerate(pieces):

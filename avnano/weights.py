@@ -26,27 +26,30 @@ def read_safetensors(path):
     """A .safetensors file, or a directory holding model.safetensors or model.safetensors.index.json.
     A missing, truncated or corrupt file, a missing shard or a pickle file raises InputError naming it."""
     if os.path.isdir(path):
-        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(single):
-            return _load_safetensors(single)
-        if os.path.exists(index):
-            weight_map = read_config(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise InputError(index, 'no "weight_map" object naming the shards')
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                file = os.path.join(path, shard)
-                if not os.path.isfile(file):
-                    raise InputError(file, "missing shard (listed in model.safetensors.index.json)")
-                state.update(_load_safetensors(file))
-            return state
-        pickles = [f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise InputError(path, f"only pickle weights found ({', '.join(sorted(pickles))}). {CONVERT_HINT}")
-        raise InputError(path, "no model.safetensors or model.safetensors.index.json")
+        return {k: v for file in shard_files(path) for k, v in _load_safetensors(file).items()}
     if path.endswith(PICKLE_SUFFIXES):
         raise InputError(path, f"pickle checkpoint refused. {CONVERT_HINT}")
     return _load_safetensors(path)
+
+
+def shard_files(path):
+    """The safetensors files of a checkpoint directory: model.safetensors, or every shard its index names."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        weight_map = read_config(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(index, 'no "weight_map" object naming the shards')
+        files = [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
+        for f in files:
+            if not os.path.isfile(f):
+                raise InputError(f, "missing shard (listed in model.safetensors.index.json)")
+        return files
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise InputError(path, f"only pickle weights found ({', '.join(pickles)}). {CONVERT_HINT}")
+    raise InputError(path, "no model.safetensors or model.safetensors.index.json")
 
 
 def _load_safetensors(file):
@@ -82,23 +85,26 @@ def read_config(path):
     return config
 
 
+def check_keys(keymap, model_shapes, file_shapes, source, skip=lambda key: False):
+    """keymap {released key: our key}, model_shapes {our key: shape}, file_shapes {released key: shape}: one
+    InputError naming every unexpected (and not skipped), missing and mis-shaped released key and every model key
+    the keymap leaves without a source."""
+    problems = [f"unexpected key {k}" for k in file_shapes if k not in keymap and not skip(k)]
+    for hf_key, our_key in keymap.items():
+        if hf_key not in file_shapes:
+            problems.append(f"missing key {hf_key}")
+        elif tuple(file_shapes[hf_key]) != tuple(model_shapes[our_key]):
+            problems.append(f"wrong shape for {hf_key}: file has {tuple(file_shapes[hf_key])}, "
+                            f"model expects {tuple(model_shapes[our_key])}")
+    problems += [f"model key {k} has no source in the key map" for k in set(model_shapes) - set(keymap.values())]
+    if problems:
+        raise InputError(source, "cannot load weights:\n  " + "\n  ".join(sorted(problems)))
+
+
 def load_mapped(module, state, keymap, source, skip=lambda key: False):
     """Copy state[released] into module[ours] for every pair of keymap; name every problem at once."""
     ours = module.state_dict()
-    problems = []
-    for key in sorted(state):
-        if key not in keymap and not skip(key):
-            problems.append(f"unexpected key {key}")
-    for hf_key, our_key in keymap.items():
-        if hf_key not in state:
-            problems.append(f"missing key {hf_key}")
-        elif tuple(state[hf_key].shape) != tuple(ours[our_key].shape):
-            problems.append(f"wrong shape for {hf_key}: file has {tuple(state[hf_key].shape)}, "
-                            f"model expects {tuple(ours[our_key].shape)}")
-    not_filled = sorted(set(ours) - set(keymap.values()))
-    problems += [f"model key {k} has no source in the key map" for k in not_filled]
-    if problems:
-        raise InputError(source, "cannot load weights:\n  " + "\n  ".join(problems))
+    check_keys(keymap, {k: v.shape for k, v in ours.items()}, {k: v.shape for k, v in state.items()}, source, skip)
     with torch.no_grad():
         for hf_key, our_key in keymap.items():
             ours[our_key].copy_(state[hf_key])
