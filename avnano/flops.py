@@ -80,6 +80,8 @@ class FlopCounter:
         self.vit_stem, self.vit_blocks = _weights([m.vit.patch_embed]), _weights(m.vit.blocks)
         self.conv1, self.conv2, self.audio_blocks = _weights([m.audio.conv1]), _weights([m.audio.conv2]), _weights(m.audio.blocks)
         self.visual_aligner = _weights([m.visual_aligner])
+        cs = m.colour_stream  # colour.py: a per-pixel layer at 1 / pool resolution, and its own aligner
+        self.colour = (_weights([cs]), cs.pool, _weights([m.colour_aligner]), _trains(m.colour_aligner)) if cs else None
         self.qformer = hasattr(m.audio_aligner, "queries")
         if self.qformer:
             q = m.audio_aligner
@@ -124,6 +126,9 @@ class FlopCounter:
             flops += v.n_layers * _attn(n_frames * per_image ** 2, v.dim, self.vit_trains)
             n_visual = n_frames * v.tokens_per_frame
             flops += _mm(self.visual_aligner, n_visual, self.va_grad)
+            if self.colour:
+                pixel, pool, aligner, grad = self.colour
+                flops += _mm(pixel, n_frames * (v.image_size // pool) ** 2, False) + _mm(aligner, n_visual, grad)
         if "a" in cfg.modalities:
             a = cfg.audio
             for mel_frames, real in self.audio_segments(audio):

@@ -1,5 +1,6 @@
 """The MFU formula (avnano/flops.py) against FLOPs counted by hand for a tiny captioner, in three training stages."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -113,3 +114,13 @@ def test_mfu_is_one_ranks_flops_over_one_gpus_peak():
     assert mfu(494.5e12, 1.0, 989e12) == pytest.approx(0.5)
     assert mfu(494.5e12, 2.0, 989e12) == pytest.approx(0.25)
     assert math.isclose(mfu(FULL, 1e-6, 1e12), FULL / 1e6)
+
+
+def test_colour_stream_adds_its_pixel_layer_and_its_aligner():
+    torch.manual_seed(0)
+    tok = Tokenizer.train(["a red square appears.", "Describe the clip."], vocab_size=300)
+    m = AVCaptioner(replace(CFG, colour_stream=4), tok)
+    m.set_trainable({"vit", "audio", "aligners", "decoder"})
+    # 3 -> 4 per pixel at half resolution (8 x 8 pixels per 16 px frame, 2 frames; pixels need no gradient: 4N), then
+    # the colour aligner (linear 4 -> 8) on the 8 visual tokens (6N)
+    assert FlopCounter(m).clip(**CLIP) == FULL + 4 * (3 * 4) * 2 * 64 + 6 * 4 * 8 * 8
