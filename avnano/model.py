@@ -89,7 +89,7 @@ class AVConfig:
 PRESETS = {
     # CPU-sized: tests and the toy world on a laptop
     "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=16, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=4,
-                          merge_mode="max"), visual_delta=True,
+                          merge_mode="max"), visual_delta=True, colour_stream=16, colour_mix=0.25, word_swap=1.0,
                  audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=300, pool=5),
                  decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
     # one-GPU sized

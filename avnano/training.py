@@ -66,12 +66,14 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
         g.add_argument("--label-smoothing", type=float, default=0.0, help="AVCap used 0.1")
         g.add_argument("--word-dropout", type=float, default=0.0, help="share of caption input tokens blanked in "
                        "training, so words come from the AV block, not from the words before (ours)")
-        g.add_argument("--word-swap", type=float, default=0.0, help="share of the caption's colour words fed to the "
-                       "decoder as a random colour in training (labels kept), so the shape is read from the video (ours)")
+        g.add_argument("--word-swap", type=float, default=None, help="share of the caption's colour words fed to the "
+                       "decoder as a random colour in training (labels kept), so the shape is read from the video (ours; "
+                       "default: the preset's, with --init the checkpoint's)")
         g.add_argument("--colour-stream", type=int, default=None, help="width of a shape-blind colour stream summed into "
                        "each visual token (avnano/colour.py; 0 = off; default: the preset's)")
         g.add_argument("--colour-mix", type=float, default=None, help="with the colour stream: share of training clips the "
-                       "ViT sees through a random colour mix, so it learns shapes apart from colours (default: the preset's)")
+                       "ViT sees through a random colour mix, so it learns shapes apart from colours (default: the preset's, "
+                       "with --init the checkpoint's)")
         g.add_argument("--vit", default=None, help="released SigLIP / CLIP directory (with --audio and --llm: a captioner "
                        "from released towers, fresh aligners, the LLM's tokenizer and chat template)")
         g.add_argument("--audio", default=None, help="released Whisper directory (its encoder half is used)")
@@ -157,6 +159,9 @@ def policy_lora(model, r, alpha, resume=False):
         model.cfg.lora_r, model.cfg.lora_alpha = r, alpha
     add_lora(model, r, alpha)
     model.set_trainable({"lora"})
+    for k in ("word_dropout", "word_swap", "colour_mix"):  # SFT's input perturbations off: log-probs of what was written
+        if hasattr(model.cfg, k):
+            setattr(model.cfg, k, 0.0)
 
 
 def build_model(args, train_rows, parser):
@@ -188,8 +193,9 @@ def build_model(args, train_rows, parser):
              if getattr(args, k) != parser.get_default(k) and getattr(args, k) != v]
     if clash:
         raise InputError(args.init, "--init keeps the checkpoint's architecture; cannot apply " + ", ".join(clash))
-    for k in LOSS_WEIGHTS:  # training perturbations a flag leaves unset (None) are off
-        setattr(cfg, k, getattr(args, k) or 0.0)
+    for k in LOSS_WEIGHTS:  # a flag left unset (None: --word-swap, --colour-mix) keeps the checkpoint's value
+        if getattr(args, k) is not None:
+            setattr(cfg, k, getattr(args, k))
     add_lora(model, args.lora_r, args.lora_alpha)
     return model
 

@@ -89,7 +89,7 @@ def test_prefix_mask_hides_caption_from_av_tokens():
 
 
 def test_visual_delta_feeds_each_frame_and_its_per_patch_change():
-    model = tiny()
+    model = tiny(colour_stream=0)  # the ViT part alone (the colour part: tests/test_colour.py)
     assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "max"  # the tiny preset's choice
     frames, _, _ = batch()
     frames[0][1] = frames[0][0]  # an unchanged frame: its change parts are exactly zero
