@@ -165,7 +165,8 @@ def test_freezing_groups_and_save_load(tmp_path):
     model = tiny(lora_r=4)
     model.set_trainable({"aligners"})
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("visual_aligner", "audio_aligner", "segment_embed", "time_embed")) for n in trainable)
+    assert trainable and all(n.startswith(("visual_aligner", "audio_aligner", "segment_embed", "time_embed",
+                                                     "colour_stream", "colour_aligner")) for n in trainable)
     model.set_trainable({"lora"})
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="unknown parameter groups"):
