@@ -19,6 +19,9 @@ tokens next to its change since the previous frame, taken per patch and then mer
 largest fall of each feature over the patches; the motion stream of two-stream video networks,
 Simonyan & Zisserman 2014). Appear / disappear / move / bounce are then visible in one token, and the
 identity of whatever moved survives the merge (a change of the merged token would cancel it out).
+Departure (`colour_stream`, `colour_mix`, on in the tiny preset): the visual token adds a colour part from a shape-blind
+colour stream, and the ViT sees training clips through random colour mixes (colour.py), so colour-shape pairs never
+trained on are named right.
 """
 from dataclasses import dataclass, field, fields, replace
 
