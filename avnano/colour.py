@@ -5,8 +5,8 @@ trained on: the toy world's training split never shows a red triangle, and a cap
 3 % of unseen-pair objects right (README). Here a frame's visual token is the sum of two parts that can each carry
 only one attribute, each through its own aligner (model.encode_visual):
 - the colour stream: a learned per-pixel feature max-pooled over each patch, a bag of the colours present, and of
-  the colours that rose or fell in some quarter of the patch since the previous frame (the same vectors for any outline of the same
-  colour: shape-blind by construction);
+  the colours that rose or fell in some quarter of the patch since the previous frame (the same vectors for any
+  outline of the same colour: shape-blind by construction);
 - the ViT, fed during training the frames of each clip through one random 3 x 3 colour mix (SimCLR's colour
   distortion, Chen et al. 2020), so its features of an outline cannot depend on the colour it comes in.
 A pair never trained on is then the sum of two parts that each were. Tried and dropped (README): fusing the two per
