@@ -170,7 +170,7 @@ class AVCaptioner(Captioner):
             seen = preprocess(colour_mixed(frames, [c for c in counts if c], self.cfg.colour_mix), self.cfg.vit).to(self.dtype)
         x = self.visual_aligner(merged(self.vit.patches(seen)))
         if self.colour_stream is not None:  # the colour part of the token: its own stream and aligner (colour.py)
-            x = x + self.colour_aligner(self.vit.merge(self.colour_stream(pixels, prev if self.cfg.visual_delta else None)))
+            x = x + self.colour_aligner(self.vit.merge(self.colour_stream(pixels, prev)))
         return list(x.split(counts)) if split else x
 
     def encode_audio(self, audio_list, plan=None, split=True):

@@ -176,3 +176,18 @@ def test_preference_runs_on_a_lora_checkpoint_take_it_as_their_reference():
     assert adapters and all(m.r == 4 and m.scale == 2.0 and not m.lora_B.any() for m in adapters)
     assert (model.cfg.lora_r, model.cfg.lora_alpha) == (4, 8.0)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if "lora_" in n}
+
+
+def test_preference_runs_turn_sfts_input_perturbations_off():
+    # the tiny preset trains with colour words swapped and colour-mixed ViT views; a DPO / GRPO policy in train mode
+    # must score its samples as written, the same at every call
+    from tests.test_model import batch, tiny
+    from avnano.training import policy_lora
+    model = tiny(colour_mix=1.0).train()
+    assert model.cfg.word_swap == 1.0
+    frames, times, audio = batch()
+    with torch.no_grad():
+        assert not torch.equal(model.av_block(frames, times, audio)[0].tokens, model.av_block(frames, times, audio)[0].tokens)
+        policy_lora(model, 4, 8.0)
+        assert (model.cfg.word_swap, model.cfg.colour_mix, model.cfg.word_dropout) == (0.0, 0.0, 0.0)
+        assert torch.equal(model.av_block(frames, times, audio)[0].tokens, model.av_block(frames, times, audio)[0].tokens)
