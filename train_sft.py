@@ -27,8 +27,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from avnano import checkpoint, lora
-from avnano.augment import blind_views
-from avnano.grammar import COLOURS, SHAPES
 from avnano.data import ClipStore, Loader, mel_config, read_splits
 from avnano.errors import run_main
 from avnano.evaluate import eval_split
@@ -63,12 +61,6 @@ def main():
     g.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train (sft without "
                    "--lora-r: aligners + the whole decoder)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--colour-blind", type=float, default=0.0, help="share of training clips seen through a random colour "
-                   "mix, their colour words untrained (avnano/augment.py; for unseen colour-shape pairs)")
-    g.add_argument("--shape-blind", type=float, default=0.0, help="share of training clips seen as blocks of mean colour, "
-                   "their shape words untrained (avnano/augment.py)")
-    g.add_argument("--shape-blur", type=int, default=0, help="shape-blind views: a box blur of this odd width instead "
-                   "of 16 x 16 blocks of mean colour")
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
@@ -109,8 +101,6 @@ def main():
     host = getattr(model, "omni", False)  # the thinker preprocesses frames and audio on the host (omni.OmniThinker.preprocess)
     loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device="cpu" if host else device)
     stream = loader.iterate(state["epoch"], state["batch"])
-    gen = torch.Generator().manual_seed(args.seed + 1000 * state["step"])  # host randomness of --colour-blind / --shape-blind
-    kinds = [(model.tok.word_ids(words), words) for words in (COLOURS, SHAPES)]
     flop_counter = (OmniFlopCounter if getattr(model, "omni", False) else FlopCounter)(model)  # after set_trainable
     t_start, step_time = time.perf_counter(), 0.0
     keys = ("loss", "ce", "ot", "ground", "grad_norm", "not_finite")
@@ -133,9 +123,6 @@ def main():
             with ddp.no_sync() if world > 1 and j < len(micro) - 1 else contextlib.nullcontext():
                 with autocast(device):
                     ground = [spans(r.get("events", [])) for r, *_ in items] if cfg.ground_weight else None
-                    if args.colour_blind or args.shape_blind:
-                        items, ids, masks, ground = blind_views(items, ids, masks, ground, kinds, args.colour_blind,
-                                                                args.shape_blind, gen, blur=args.shape_blur)
                     out = ddp([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], ids, masks, ground=ground)
                 (out["loss"] / len(micro)).backward()  # the mean over the micro-batches that ran
             sums[:4] += torch.stack([out[k].detach().float() for k in keys[:4]]) / len(micro)

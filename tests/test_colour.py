@@ -3,10 +3,11 @@ training only, and the token sums the two aligned parts."""
 import torch
 
 from avnano.colour import ColourStream, colour_mixed
+from avnano.render import RGB
 from avnano.vit import preprocess
 from tests.test_model import batch, tiny, training_batch
 
-RED, GREEN = torch.tensor([230, 50, 50], dtype=torch.uint8), torch.tensor([50, 190, 70], dtype=torch.uint8)
+RED, GREEN = (torch.tensor(RGB[c], dtype=torch.uint8) for c in ("red", "green"))  # the toy world's colours
 
 
 def board():
