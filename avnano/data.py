@@ -239,9 +239,7 @@ class Loader:
         if self.workers > 0 and self.pool is None:  # started from the calling thread, before any producer thread runs
             s = self.store
             args = s.rows, s.fps, s.max_frames, s.size and s.size[0], s.audio, s.frame_indices
-            # forkserver: the workers fork from a clean single-threaded server, never from this process and its threads
-            # (a fork of a process whose other threads hold a lock - a producer thread, tqdm's monitor - can hang the child)
-            self.pool = multiprocessing.get_context("forkserver").Pool(self.workers, _worker_init, args)
+            self.pool = multiprocessing.get_context().Pool(self.workers, _worker_init, args)
 
     def close(self):
         if self.pool is not None:
