@@ -124,7 +124,7 @@ class FlopCounter:
             flops += _mm(self.vit_stem, n_frames * v.grid ** 2, False)
             flops += _mm(self.vit_blocks, n_frames * per_image, self.vit_trains)
             flops += v.n_layers * _attn(n_frames * per_image ** 2, v.dim, self.vit_trains)
-            n_visual = n_frames * v.tokens_per_frame
+            n_visual = n_frames * cfg.tokens_per_frame
             flops += _mm(self.visual_aligner, n_visual, self.va_grad)
             if self.colour:
                 pixel, pool, aligner, grad = self.colour

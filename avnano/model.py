@@ -37,7 +37,7 @@ from .layout import assemble
 from .plan import Block, Blocks, Plan, host_view, mel_batch, plan_av, predecessors
 from .ot import ot_fuse, ot_loss
 from .tokenizer import AV, Tokenizer
-from .vit import ViT, ViTConfig, preprocess
+from .vit import ViT, ViTConfig, preprocess, salient
 
 
 @dataclass
@@ -52,6 +52,7 @@ class AVConfig:
     visual_delta: bool = False       # aligner also sees each frame's per-patch change from the previous frame
     colour_stream: int = 0           # > 0: width of a shape-blind colour stream added to the visual token (colour.py)
     colour_mix: float = 0.0          # training: share of clips the ViT sees through a random colour mix (colour.py)
+    object_tokens: int = 0           # > 0: a frame's tokens are its k most salient patches, not the merged grid (vit.salient)
     audio_aligner: str = "qformer"   # linear | mlp | qformer
     window: float = 0.5              # Q-Former window in seconds (2 audio tokens / s)
     n_queries: int = 1               # Q-Former queries per window
@@ -77,6 +78,10 @@ class AVConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple = (r"attn\.(q|k|v|o)_proj", r"mlp\.(gate|up|down)_proj")
     prompt: str = "Describe the clip."
+
+    @property
+    def tokens_per_frame(self):
+        return self.object_tokens or self.vit.tokens_per_frame
 
     @classmethod
     def from_dict(cls, d):
@@ -132,9 +137,9 @@ class AVCaptioner(Captioner):
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
         views = 3 if cfg.visual_delta else 1  # the merged token, and its rises and falls since the previous frame
-        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.token_dim * views, D)
+        self.visual_aligner = make_aligner(cfg.visual_aligner, (cfg.vit.dim if cfg.object_tokens else cfg.vit.token_dim) * views, D)
         self.colour_stream = ColourStream(cfg.vit.patch_size, cfg.colour_stream) if cfg.colour_stream else None
-        group = cfg.vit.token_dim // cfg.vit.dim  # patches per token whose features a merge concatenates (1: max or mean)
+        group = 1 if cfg.object_tokens else cfg.vit.token_dim // cfg.vit.dim  # patches per token whose features a merge concatenates (1: max or mean)
         self.colour_aligner = make_aligner(cfg.visual_aligner, cfg.colour_stream * views * group, D) if cfg.colour_stream else None
         self.audio_aligner = make_audio_aligner(cfg.audio_aligner, cfg.audio.dim, D, cfg.audio.tokens_per_second, cfg.window,
                                                 cfg.n_queries)
@@ -152,25 +157,30 @@ class AVCaptioner(Captioner):
         batch (plan.predecessors) on the device; made here when None."""
         counts = [len(f) for f in frames_list]
         if sum(counts) == 0 or "v" not in self.cfg.modalities:
-            x = torch.zeros(0, self.cfg.vit.tokens_per_frame, self.cfg.decoder.dim, device=self.device)
+            x = torch.zeros(0, self.cfg.tokens_per_frame, self.cfg.decoder.dim, device=self.device)
             return [x] * len(counts) if split else x
         frames = torch.cat([f for f in frames_list if len(f)]).to(self.device)
         pixels = preprocess(frames, self.cfg.vit).to(self.dtype)
         if self.cfg.visual_delta and prev is None:
             prev = torch.as_tensor(predecessors(counts), device=self.device)
 
-        def merged(h):  # per-patch features -> the frame's token(s), with their rises and falls (visual_delta)
+        merge = self.vit.merge  # per-patch features -> the frame's token(s): the merged grid, or its salient patches
+        if self.cfg.object_tokens:
+            idx = salient(pixels, prev, self.cfg.vit.grid, self.cfg.object_tokens)[..., None]
+            merge = lambda h: h.gather(1, idx.expand(-1, -1, h.shape[-1]))  # noqa: E731
+
+        def merged(h):  # the frame's token(s), with their rises and falls (visual_delta)
             if not self.cfg.visual_delta:
-                return self.vit.merge(h)
+                return merge(h)
             d = h - h[prev]  # per-patch change since the previous frame (0 for a clip's first), rises and falls merged
-            return torch.cat([self.vit.merge(h), self.vit.merge(d), self.vit.merge(-d)], -1)
+            return torch.cat([merge(h), merge(d), merge(-d)], -1)
 
         seen = pixels  # the ViT's view: with the colour stream, a random colour mix per clip in training (colour.py)
         if self.colour_stream is not None and self.training and self.cfg.colour_mix > 0:
             seen = preprocess(colour_mixed(frames, [c for c in counts if c], self.cfg.colour_mix), self.cfg.vit).to(self.dtype)
         x = self.visual_aligner(merged(self.vit.patches(seen)))
         if self.colour_stream is not None:  # the colour part of the token: its own stream and aligner (colour.py)
-            x = x + self.colour_aligner(self.vit.merge(self.colour_stream(pixels, prev)))
+            x = x + self.colour_aligner(merge(self.colour_stream(pixels, prev)))
         return list(x.split(counts)) if split else x
 
     def encode_audio(self, audio_list, plan=None, split=True):
@@ -220,7 +230,7 @@ class AVCaptioner(Captioner):
     def _ot(self, v, a, meta):
         """LAVCap per clip: the OT loss (mean over clips with both streams) and, with ot_fusion, the fused tokens."""
         c, terms = self.cfg, []
-        pairs = list(zip(v.split([n * c.vit.tokens_per_frame for n in meta["frames"]]), a.split(meta["audio"])))
+        pairs = list(zip(v.split([n * c.tokens_per_frame for n in meta["frames"]]), a.split(meta["audio"])))
         for i, (vc, ac) in enumerate(pairs):
             if len(vc) and len(ac):
                 terms += [ot_loss(vc, ac, c.ot_eps, c.ot_iters)] if c.ot_weight > 0 else []

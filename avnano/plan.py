@@ -86,7 +86,7 @@ def plan_av(plan, model, frames_list, frame_times_list, audio_list):
     """Host half of model.av_block: which encoder rows each aligner reads, each frame's predecessor (visual
     delta), and every clip's interleave order as one index into [all visual tokens; all audio tokens]."""
     cfg, acfg, aligner = model.cfg, model.cfg.audio, model.audio_aligner
-    tpf = cfg.vit.tokens_per_frame
+    tpf = cfg.tokens_per_frame
     frames = [len(f) if "v" in cfg.modalities else 0 for f in frames_list]
     ftimes = [_numpy(t).astype(np.float32) if n else np.zeros(0, np.float32) for t, n in zip(frame_times_list, frames)]
     starts = np.cumsum([0] + frames)[:-1]

@@ -44,7 +44,7 @@ def layout(model, clip, caption="a caption goes here."):
     tokens, tok_times, modality = blocks[0]
     k = ids.index(model.av_id)
     slots = [("text", model.tok.decode([i], skip_special=False), 0) for i in ids[:k]]
-    per_frame = model.cfg.vit.tokens_per_frame
+    per_frame = model.cfg.tokens_per_frame
     frame_of = {float(t): i for i, t in enumerate(clip.frame_times.tolist())}
     for t, m in zip(tok_times.tolist(), modality.tolist()):
         if m == AUDIO:

@@ -25,7 +25,7 @@ from .weights import read_config
 # refused by name); the loss weights are this run's objective, so --init applies them.
 ARCHITECTURE = ("interleave", "air", "chunk_seconds", "time_positions", "time_embed", "mask", "modalities", "ot_fusion", "fps",
                 "max_frames", "visual_aligner", "visual_delta", "audio_aligner", "window", "n_queries",
-                "colour_stream")
+                "colour_stream", "object_tokens")
 LOSS_WEIGHTS = ("ot_weight", "ground_weight", "label_smoothing", "word_dropout", "word_swap", "colour_mix")
 
 
@@ -74,6 +74,9 @@ def model_args(p, init=None, lora_r=0, lora_alpha=16.0, architecture=False):
         g.add_argument("--colour-mix", type=float, default=None, help="with the colour stream: share of training clips the "
                        "ViT sees through a random colour mix, so it learns shapes apart from colours (default: the preset's, "
                        "with --init the checkpoint's)")
+        g.add_argument("--object-tokens", type=int, default=None, help="k > 0: each frame gives its k most salient "
+                       "patches as tokens (colour contrast and change; avnano/vit.py salient) instead of the merged grid "
+                       "(0 = off; default: the preset's)")
         g.add_argument("--vit", default=None, help="released SigLIP / CLIP directory (with --audio and --llm: a captioner "
                        "from released towers, fresh aligners, the LLM's tokenizer and chat template)")
         g.add_argument("--audio", default=None, help="released Whisper directory (its encoder half is used)")

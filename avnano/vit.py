@@ -137,6 +137,18 @@ class ViT(nn.Module):
         return x
 
 
+def salient(pixels, prev, grid, k):
+    """Pixels (N, 3, S, S) -> (N, k): each frame's k most salient patches of its grid x grid, in raster order. A patch's
+    score is its pixels' mean distance from the frame's median colour (what stands out from the background) plus, with
+    prev (each frame's predecessor index), their mean change since the previous frame (what appeared, left or moved).
+    Token selection by saliency, as token-pruning work does (e.g. LLaVA-PruMerge); here it keeps one object per token."""
+    score = (pixels - pixels.flatten(2).median(-1).values[..., None, None]).abs()
+    if prev is not None:
+        score = score + (pixels - pixels[prev]).abs()
+    score = F.adaptive_avg_pool2d(score.sum(1), grid).flatten(1)
+    return score.topk(k, dim=1).indices.sort(1).values
+
+
 def preprocess(frames, cfg: ViTConfig):
     """uint8 frames (N, H, W, 3) -> normalised pixel_values (N, 3, S, S), as each family's processor:
     SigLIP squashes to S x S (bilinear) and normalises with mean = std = 0.5; CLIP resizes the short

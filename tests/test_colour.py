@@ -1,10 +1,10 @@
 """Attribute-factored visual tokens: the colour stream is blind to outlines, the ViT sees colour-mixed frames in
-training only, and the token sums the two aligned parts."""
+training only, the token sums the two aligned parts, and object tokens take them per salient patch."""
 import torch
 
 from avnano.colour import ColourStream, colour_mixed
 from avnano.render import RGB
-from avnano.vit import preprocess
+from avnano.vit import preprocess, salient
 from tests.test_model import batch, tiny, training_batch
 
 RED, GREEN = (torch.tensor(RGB[c], dtype=torch.uint8) for c in ("red", "green"))  # the toy world's colours
@@ -83,3 +83,33 @@ def test_model_token_is_a_colour_mixed_vit_part_plus_a_colour_part():
     out["loss"].backward()
     assert model.colour_stream.pixel.weight.grad.abs().sum() > 0 and model.colour_aligner[0].weight.grad.abs().sum() > 0
     assert model.param_groups()["colour_stream.pixel.weight"] == "aligners"
+
+
+def test_salient_patches_are_the_objects_and_what_left():
+    f = torch.full((2, 64, 64, 3), 24, dtype=torch.uint8)
+    f[:, 2:14, 2:14] = RED               # patch 0 in both frames
+    f[0, 34:46, 18:30] = GREEN           # patch 9 (row 2, column 1) in the first frame only
+    f[:, 50:62, 50:62] = GREEN           # patch 15 in both
+    f[:, 52:54, 20:22] = 30              # a faint speck in patch 13: barely off the background
+    pixels = preprocess(f, tiny().cfg.vit)
+    assert salient(pixels, None, 4, 3).tolist() == [[0, 9, 15], [0, 13, 15]]  # in raster order
+    assert salient(pixels, torch.tensor([0, 0]), 4, 3).tolist() == [[0, 9, 15], [0, 9, 15]]  # the green left patch 9
+
+
+def test_object_tokens_take_both_parts_at_the_salient_patches():
+    model = tiny(colour_stream=8, object_tokens=2).eval()
+    frames, _, _ = batch()
+    pixels = preprocess(torch.cat(frames), model.cfg.vit)
+    prev = torch.tensor([0, 0, 1, 2] + [4, 4, 5, 6, 7, 8, 9])
+    with torch.no_grad():
+        got = model.encode_visual(frames, split=False)
+        idx = salient(pixels, prev, model.cfg.vit.grid, 2)
+        x = model.vit.patches(pixels)
+        d = x - x[prev]
+        rows = torch.arange(len(x))[:, None]
+        vit_part = torch.cat([x[rows, idx], d[rows, idx], -d[rows, idx]], -1)
+        colour_part = model.colour_stream(pixels, prev)[rows, idx]
+    assert got.shape == (len(x), 2, model.cfg.decoder.dim) and model.cfg.tokens_per_frame == 2
+    assert torch.allclose(got, model.visual_aligner(vit_part) + model.colour_aligner(colour_part), atol=1e-5)
+    out = model.train()(*training_batch(model))
+    assert torch.isfinite(out["loss"])

@@ -249,6 +249,15 @@ def test_grounding_loss_reads_the_span_through_the_output_head():
     moved = tokens.clone()
     moved[[0, 2, 4, 5]] += 3.0  # outside the span or the wrong modality: no effect
     assert torch.allclose(grounding.loss(model, [(moved, times, modality)], [spans]), loss)
+    # a frame's tokens share a time: only the best one is held to the words (the others may show other objects)
+    vspans = [(0.0, 1.0, "v", "a red circle appears", ["red", "circle"])]
+    vids = grounding.targets(tok, vspans)[0][3]
+    vtimes, vmod = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 2.0]), torch.zeros(6, dtype=torch.long)
+    h = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + model.cfg.decoder.norm_eps) * model.decoder.norm.weight
+    score = torch.log_softmax(h @ model.decoder.embed.weight.T, -1)[:, vids].mean(-1)  # each token's mean over words
+    best = (score[:3].max() + score[3:5].max()) / 2  # frames at 0.0 and 1.0 s, each by its best token
+    assert torch.allclose(grounding.loss(model, [(tokens, vtimes, vmod)], [vspans]), -best, atol=1e-5)
+    assert not torch.allclose(-best, -score[:5].mean())  # not the mean over the span's tokens
     b = training_batch(model)
     out = model(*b, ground=[spans, []])
     assert out["ground"] > 0 and torch.allclose(out["loss"], out["ce"] + 0.5 * out["ground"])
