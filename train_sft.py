@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import time
 
 import torch
@@ -33,6 +34,7 @@ from avnano.evaluate import eval_split
 from avnano.flops import FlopCounter, mfu
 from avnano.omni_flops import OmniFlopCounter
 from avnano.grounding import spans
+from avnano.recolour import recoloured
 from avnano.distributed import autocast, every_rank, setup_distributed, teardown
 from avnano.training import (build_model, data_args, ensure_toy_world, make_optimizer, model_args, opt_args, run_args,
                              set_grad_checkpointing, set_lr)
@@ -61,6 +63,8 @@ def main():
     g.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train (sft without "
                    "--lora-r: aligners + the whole decoder)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--recolour", type=float, default=0.0, help="share of training clips seen with the toy palette's colours "
+                   "permuted in frames, caption and events alike (avnano/recolour.py; shows the held-out colour-shape pairs)")
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
@@ -114,7 +118,7 @@ def main():
         for _ in range(args.grad_accum):
             epoch, batch, items = next(stream)
             state["epoch"], state["batch"] = loader.next_position(epoch, batch)
-            micro.append(items)
+            micro.append(recoloured(items, args.recolour, random.Random(f"{args.seed}/{epoch}/{batch}")) if args.recolour else items)
         # DDP all-reduces in every backward: a micro-batch empty on any rank (all its clips bad) is skipped on all ranks
         micro = [items for items, ok in zip(micro, every_rank([bool(m) for m in micro], world, device)) if ok]
         for j, items in enumerate(micro):
