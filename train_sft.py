@@ -27,9 +27,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from avnano import checkpoint, lora
+from avnano import checkpoint, lora, toyworld
 from avnano.data import ClipStore, Loader, mel_config, read_splits
-from avnano.errors import run_main
+from avnano.errors import InputError, run_main
 from avnano.evaluate import eval_split
 from avnano.flops import FlopCounter, mfu
 from avnano.omni_flops import OmniFlopCounter
@@ -63,8 +63,9 @@ def main():
     g.add_argument("--stage", default="full", choices=sorted(STAGES), help="which parameter groups train (sft without "
                    "--lora-r: aligners + the whole decoder)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--recolour", type=float, default=0.0, help="share of training clips seen with the toy palette's colours "
-                   "permuted in frames, caption and events alike (avnano/recolour.py; shows the held-out colour-shape pairs)")
+    g.add_argument("--recolour", type=float, default=None, help="share of training clips seen with the toy palette's colours "
+                   "permuted in frames, caption and events alike (avnano/recolour.py: the model is shown the held-out "
+                   "colour-shape pairs; default 0.5 on a toy world, refused on other data)")
     g = run_args(p, out="out/sft", save_every=200)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="one step line every N steps, with the means over them (the "
@@ -77,6 +78,10 @@ def main():
     rank, world, device, log = setup_distributed(args.device)
     ensure_toy_world(args, rank)
     train_rows, test_rows = read_splits(args.data)
+    toy = train_rows[0].get("world") == toyworld.VERSION
+    if args.recolour and not toy:
+        raise InputError(args.data, "--recolour permutes the toy world's palette; these clips are not a toy world")
+    args.recolour = (0.5 if toy else 0.0) if args.recolour is None else args.recolour
 
     state = {"step": 0, "epoch": 0, "batch": 0}
     if args.resume:
@@ -103,7 +108,10 @@ def main():
     test_store = ClipStore(test_rows, cfg.fps, cfg.max_frames, cfg.vit.image_size,  # decoded once, evaluated many times
                            frame_indices=pick)
     host = getattr(model, "omni", False)  # the thinker preprocesses frames and audio on the host (omni.OmniThinker.preprocess)
-    loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device="cpu" if host else device)
+    swaps = (lambda items, e, b: recoloured(items, args.recolour, random.Random(f"{args.seed}/{rank}/{e}/{b}"))) \
+        if args.recolour else None  # the colour swaps of each batch: a function of (seed, rank, position), so resumable
+    loader = Loader(store, args.batch_size, args.seed, rank, world, workers=args.workers, device="cpu" if host else device,
+                    transform=swaps)
     stream = loader.iterate(state["epoch"], state["batch"])
     flop_counter = (OmniFlopCounter if getattr(model, "omni", False) else FlopCounter)(model)  # after set_trainable
     t_start, step_time = time.perf_counter(), 0.0
@@ -118,7 +126,7 @@ def main():
         for _ in range(args.grad_accum):
             epoch, batch, items = next(stream)
             state["epoch"], state["batch"] = loader.next_position(epoch, batch)
-            micro.append(recoloured(items, args.recolour, random.Random(f"{args.seed}/{epoch}/{batch}")) if args.recolour else items)
+            micro.append(items)
         # DDP all-reduces in every backward: a micro-batch empty on any rank (all its clips bad) is skipped on all ranks
         micro = [items for items, ok in zip(micro, every_rank([bool(m) for m in micro], world, device)) if ok]
         for j, items in enumerate(micro):

@@ -224,10 +224,13 @@ class Loader:
     """Iterates (epoch, batch_no, items) from a start position; items = [(row, frames, times, audio)] (bad clips left
     out). workers > 0: that many persistent processes decode the clips the cache lacks (the pool lives as long as the
     loader: close() ends it). On a CUDA device every batch arrives on it: packed into pinned buffers by the
-    background thread, copied without blocking the host (one copy per dtype per batch); frame times stay on the host."""
+    background thread, copied without blocking the host (one copy per dtype per batch); frame times stay on the host.
+    transform(items, epoch, batch) -> items, if given, runs in the background thread on the host copies, before any
+    packing (the SFT script's colour swaps: recolour.recoloured)."""
 
-    def __init__(self, store, batch_size, seed, rank=0, world=1, prefetch=4, workers=0, device="cpu"):
+    def __init__(self, store, batch_size, seed, rank=0, world=1, prefetch=4, workers=0, device="cpu", transform=None):
         self.store, self.batch_size, self.seed, self.rank, self.world, self.prefetch = store, batch_size, seed, rank, world, prefetch
+        self.transform = transform
         self.workers, self.device, self.pool = workers, torch.device(device), None
         self.pack = self.device.type == "cuda"  # tests set it on the CPU to check the packing itself
         self.wait_seconds = 0.0
@@ -295,6 +298,7 @@ class Loader:
                     items.append((self.store.rows[i], *got))
             if stop.is_set():
                 return
+            items = self.transform(items, e, b) if self.transform and items else items
             q.put((e, b, pack(items, pin=self.device.type == "cuda") if self.pack and items else items))
 
     def next_position(self, epoch, batch):

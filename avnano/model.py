@@ -19,9 +19,10 @@ tokens next to its change since the previous frame, taken per patch and then mer
 largest fall of each feature over the patches; the motion stream of two-stream video networks,
 Simonyan & Zisserman 2014). Appear / disappear / move / bounce are then visible in one token, and the
 identity of whatever moved survives the merge (a change of the merged token would cancel it out).
-Departure (`colour_stream`, `colour_mix`, on in the tiny preset): the visual token adds a colour part from a shape-blind
-colour stream, and the ViT sees training clips through random colour mixes (colour.py), so colour-shape pairs never
-trained on are named right.
+Departure (`object_tokens`, on in the tiny preset): a frame's tokens are its k most salient patches (vit.salient), each
+read as above per patch, so one token holds one object and its colour stays bound to its outline.
+Departure (`colour_stream`, `colour_mix`, off by default): the visual token adds a colour part from a shape-blind colour
+stream, and the ViT sees training clips through random colour mixes (colour.py).
 """
 from dataclasses import dataclass, field, fields, replace
 
@@ -97,7 +98,7 @@ class AVConfig:
 PRESETS = {
     # CPU-sized: tests and the toy world on a laptop
     "tiny": dict(vit=dict(family="siglip", image_size=64, patch_size=16, dim=64, n_layers=2, n_heads=4, hidden_dim=128, merge=4,
-                          merge_mode="max"), visual_delta=True, colour_stream=16, colour_mix=0.25, word_swap=1.0,
+                          merge_mode="max"), visual_delta=True, object_tokens=3,
                  audio=dict(n_mels=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_positions=300, pool=5),
                  decoder=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=320)),
     # one-GPU sized

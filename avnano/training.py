@@ -177,6 +177,8 @@ def build_model(args, train_rows, parser):
         tok = Tokenizer.train([r["caption"] for r in train_rows] + ["Describe the clip."], vocab_size=args.vocab)
         cfg = preset(args.preset, tok.vocab_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                      **{k: getattr(args, k) for k in ARCHITECTURE + LOSS_WEIGHTS if getattr(args, k) is not None})
+        if args.merge and cfg.object_tokens:
+            parser.error("--merge: a frame's tokens are its --object-tokens salient patches; add --object-tokens 0 to merge")
         if args.merge:
             try:
                 cfg = replace(cfg, vit=replace(cfg.vit, merge=args.merge))

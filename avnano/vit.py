@@ -11,8 +11,9 @@ token dropped), optionally merged (`merge()`): each m x m group of neighbouring 
 token, either concatenated Qwen2-VL style (width m*m*dim: where inside the group a thing sits
 survives), averaged, or max-pooled per feature (width dim: the same object gives the same vector
 wherever it sits, which is what a caption that names objects but not places needs). Max-pooling is
-the tiny preset's choice (measured in the README): an object filling one patch of sixteen keeps its
-features at full strength, where the average dilutes them sixteen-fold under the background's.
+the tiny preset's merge (measured in the README): an object filling one patch of sixteen keeps its
+features at full strength, where the average dilutes them sixteen-fold under the background's. Or, instead of a
+merge, a frame's k most salient patches (`salient()`, the tiny preset's tokens: one object per token).
 """
 from dataclasses import dataclass
 

@@ -55,7 +55,7 @@ def test_colour_mixed_is_one_mix_per_clip_and_none_at_p0():
 
 
 def test_model_token_is_a_colour_mixed_vit_part_plus_a_colour_part():
-    model = tiny(colour_stream=8, colour_mix=1.0)
+    model = tiny(colour_stream=8, colour_mix=1.0, object_tokens=0)  # one merged token per frame
     frames, _, _ = batch()
     pixels = preprocess(torch.cat(frames), model.cfg.vit)
     seen = {}

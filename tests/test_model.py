@@ -89,7 +89,7 @@ def test_prefix_mask_hides_caption_from_av_tokens():
 
 
 def test_visual_delta_feeds_each_frame_and_its_per_patch_change():
-    model = tiny(colour_stream=0)  # the ViT part alone (the colour part: tests/test_colour.py)
+    model = tiny(object_tokens=0)  # one merged token per frame (object tokens and the colour part: tests/test_colour.py)
     assert model.cfg.visual_delta and model.cfg.vit.merge_mode == "max"  # the tiny preset's choice
     frames, _, _ = batch()
     frames[0][1] = frames[0][0]  # an unchanged frame: its change parts are exactly zero
@@ -205,7 +205,7 @@ def test_show_layout_page(tmp_path):
     clip = Clip(frames[0], times[0], audio[0], 2.0, True, True)
     slots, mask = layout(model, clip)
     kinds = [k for k, _, _ in slots]
-    assert len(slots) == mask.shape[0] and kinds.count("audio") > 0 and kinds.count("visual") == 4 * model.cfg.vit.tokens_per_frame
+    assert len(slots) == mask.shape[0] and kinds.count("audio") > 0 and kinds.count("visual") == 4 * model.cfg.tokens_per_frame == 12
     assert kinds[-1] == "caption"
     page = render_html(slots, mask, "t")
     assert "data:image/png;base64," in page and page.count('class="c"') >= len(slots)

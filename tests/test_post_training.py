@@ -179,12 +179,11 @@ def test_preference_runs_on_a_lora_checkpoint_take_it_as_their_reference():
 
 
 def test_preference_runs_turn_sfts_input_perturbations_off():
-    # the tiny preset trains with colour words swapped and colour-mixed ViT views; a DPO / GRPO policy in train mode
-    # must score its samples as written, the same at every call
+    # an SFT model trained with colour words swapped and colour-mixed ViT views (--word-swap, --colour-mix): a DPO /
+    # GRPO policy in train mode must score its samples as written, the same at every call
     from tests.test_model import batch, tiny
     from avnano.training import policy_lora
-    model = tiny(colour_mix=1.0).train()
-    assert model.cfg.word_swap == 1.0
+    model = tiny(colour_stream=8, colour_mix=1.0, word_swap=1.0).train()
     frames, times, audio = batch()
     with torch.no_grad():
         assert not torch.equal(model.av_block(frames, times, audio)[0].tokens, model.av_block(frames, times, audio)[0].tokens)

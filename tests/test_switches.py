@@ -134,7 +134,7 @@ def test_audio_aligner_token_counts_and_times(kind):
 # ------------------------------------------------------------------------------- interleaving and positions
 def test_interleave_kinds_order_the_same_tokens_differently():
     """2 s clip: four frames of one token at 0.25, 0.75, 1.25, 1.75 s; four audio tokens at 0, 0.5, 1, 1.5 s."""
-    model = tiny(interleave="concat", chunk_seconds=1.0, air=0.25)
+    model = tiny(interleave="concat", chunk_seconds=1.0, air=0.25, object_tokens=0)  # one merged token per frame
     frames, times, audio = clips(seconds=(2.0,))
     orders = {"concat": "VVVVAAAA", "per_frame": "VAVAVAVA", "chunked": "VVAAVVAA",
               "avti": "AVVVV"}  # AVTI: N = round(4 / 0.75) = 5 slots, one audio token (resampled), k = 2
@@ -152,7 +152,7 @@ def test_interleave_kinds_order_the_same_tokens_differently():
 
 def test_time_positions_follow_the_clock():
     """Sequential ids 0..L-1; time-aligned: the AV block at k + floor(25 t), the text after from max + 1."""
-    model = tiny(interleave="concat", colour_stream=0)  # at this init the colour part drowns the positions' effect (7e-6)
+    model = tiny(interleave="concat", object_tokens=0)  # one merged token per frame
     frames, times, audio = clips(seconds=(2.0,))
     ids, masks = captions(model, 1)
     k = ids[0].index(model.tok.token_id(AV))

@@ -11,6 +11,9 @@
 4. Colour-shape pairs training never shows (toyworld.HELD_OUT) against seen ones: the shape chosen among the
    three shape words teacher-forced after the true colour word and after each colour word in turn (probabilities
    averaged), and the colour and shape read off the visual tokens of the object's span by the output head.
+5. How the held-out visual and AV events fail in free captions: for each, the predicted event of its type closest in
+   time within the match window (as metrics.named_right picks it): none, colour wrong, shape wrong, both, or right,
+   counted apart for objects alone in their clip and objects with others.
 """
 import argparse
 import collections
@@ -26,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from avnano.data import ClipStore, read_splits  # noqa: E402
 from avnano.checkpoint import load_model  # noqa: E402
 from avnano.errors import run_main  # noqa: E402
-from avnano.grammar import COLOURS, SHAPES, SOUNDS, WORDS  # noqa: E402
+from avnano.evaluate import eval_split  # noqa: E402
+from avnano.metrics import time_match  # noqa: E402
+from avnano.grammar import COLOURS, SHAPES, SOUNDS, WORDS, parse  # noqa: E402
 from avnano.grounding import spans  # noqa: E402
 from avnano.interleave import VISUAL  # noqa: E402
 from avnano.layout import assemble, attention_mask  # noqa: E402
@@ -150,6 +155,21 @@ def pairs_probe(model, store, n):
               f"unseen {hits[what, 'unseen'][0] / max(hits[what, 'unseen'][1], 1):.3f} ({hits[what, 'unseen'][1]})")
 
 
+def failure_kinds(model, store):
+    """Section 5 over the whole held-out split (greedy captions, as the evaluation makes them)."""
+    _, texts = eval_split(model, store, progress=False)
+    kinds = collections.Counter()
+    for row, text in zip(store.rows, texts):
+        pred, objects = parse(text), [g for g in row["events"] if g["type"] in ("visual", "av")]
+        for g in objects:
+            near = [(score, p) for p in pred if p["type"] == g["type"] for ok, score in [time_match(p, g)] if ok]
+            p = max(near, key=lambda x: x[0])[1] if near else None
+            wrong = p and [k for k in ("colour", "shape") if p.get(k) != g[k]]
+            kinds["alone" if len(objects) == 1 else "with others", "none" if p is None else " and ".join(wrong) or "right"] += 1
+    for (where, kind), n in sorted(kinds.items()):
+        print(f"  {where:11s} {kind:17s} {n}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="an avnano checkpoint directory (train_sft.py --out)")
@@ -168,6 +188,8 @@ def main():
     audio_probe(model, train, 4 * args.clips)
     print("held-out objects, colour-shape pairs seen vs never seen in training:")
     pairs_probe(model, test, args.clips)
+    print("held-out visual and AV events in free captions (the closest predicted event of the type):")
+    failure_kinds(model, test)
 
 
 if __name__ == "__main__":
