@@ -87,6 +87,18 @@ def test_workers_give_the_same_batches_as_the_in_process_loader(manifest, model)
     same_items(unpack(pack(items, pin=False), "cpu"), items)
 
 
+def test_a_transform_changes_each_batch_before_it_is_packed(manifest, model):
+    rows, cfg = read_manifest(str(manifest / "train.jsonl")), model.cfg
+    store = lambda: ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size, audio=mel_config(model))
+    mark = lambda items, e, b: [(dict(r, caption=f"{e}/{b}"), f.flip(1), *rest) for r, f, *rest in items]  # noqa: E731
+    plain = batches(Loader(store(), 2, seed=3), 4)
+    loader = Loader(store(), 2, seed=3, transform=mark)
+    loader.pack = True  # the CUDA path: the transform sees the host copies, the packed batch carries its output
+    for (e, b, got), (_, _, ref) in zip(batches(loader, 4), plain):
+        assert [r["caption"] for r, *_ in got] == [f"{e}/{b}"] * len(ref)
+        assert all(torch.equal(f, g.flip(1)) for (_, f, *_), (_, g, *_) in zip(got, ref))
+
+
 def test_log_mel_from_the_loader_equals_the_models_own(manifest, model):
     rows, cfg = read_manifest(str(manifest / "train.jsonl")), model.cfg
     raw = ClipStore(rows, cfg.fps, cfg.max_frames, cfg.vit.image_size)  # the waveform, log-mel in encode_audio

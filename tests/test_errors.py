@@ -104,6 +104,14 @@ def test_train_names_a_malformed_manifest_row(refused, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_recolour_is_refused_on_clips_that_are_not_a_toy_world(refused, tmp_path):
+    row = {"video": "clips/a.mp4", "caption": "a red car passes."}  # recolouring the toy palette would falsify it
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    line = refused("train_sft.py", "--data", tmp_path, "--recolour", 0.5, "--steps", 1, "--out", tmp_path / "out", cli=True)
+    assert line == f"error: {tmp_path}: --recolour permutes the toy world's palette; these clips are not a toy world"
+
+
 def test_manifest_rows_are_checked_and_resolved(tmp_path):
     manifest = tmp_path / "m.jsonl"
     good = json.dumps({"video": "clips/a.mp4", "caption": "a knock."})
