@@ -138,9 +138,9 @@ class AVCaptioner(Captioner):
         self.audio = audio or AudioEncoder(cfg.audio)
         self.decoder = decoder or Decoder(cfg.decoder)
         views = 3 if cfg.visual_delta else 1  # the merged token, and its rises and falls since the previous frame
-        self.visual_aligner = make_aligner(cfg.visual_aligner, (cfg.vit.dim if cfg.object_tokens else cfg.vit.token_dim) * views, D)
+        group = 1 if cfg.object_tokens else cfg.vit.token_dim // cfg.vit.dim  # patches whose features a token concatenates
+        self.visual_aligner = make_aligner(cfg.visual_aligner, cfg.vit.dim * group * views, D)
         self.colour_stream = ColourStream(cfg.vit.patch_size, cfg.colour_stream) if cfg.colour_stream else None
-        group = 1 if cfg.object_tokens else cfg.vit.token_dim // cfg.vit.dim  # patches per token whose features a merge concatenates (1: max or mean)
         self.colour_aligner = make_aligner(cfg.visual_aligner, cfg.colour_stream * views * group, D) if cfg.colour_stream else None
         self.audio_aligner = make_audio_aligner(cfg.audio_aligner, cfg.audio.dim, D, cfg.audio.tokens_per_second, cfg.window,
                                                 cfg.n_queries)

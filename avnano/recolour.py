@@ -5,9 +5,9 @@ The toy world's training split never shows, e.g., a red triangle (toyworld.HELD_
 prior from the pairs it is shown. Swapping colours in the image and the same colour words in the text is the
 image-text form of label-preserving augmentation (the caption stays true of the recoloured clip). Here the permuted
 colours are the toy palette (render.RGB) on its dark background: a pixel is moved by as much of a colour's shift as
-it holds of that colour, so the edges H.264 blended with the background follow their object (89 % of the decoded clips' object
-pixels lie within 48 of such a blend; the rest, chroma noise at edges, keep their colour). With it, the held-out pairs are no longer
-unseen by the model in the strict sense: the README reports the figures with and without it.
+it holds of that colour, so the edges H.264 blended with the background follow their object (89 % of the decoded
+clips' object pixels lie within 48 of such a blend; the rest, chroma noise at edges, keep their colour). With it,
+the held-out pairs are no longer unseen by the model in the strict sense: the README reports figures without it.
 """
 import re
 
