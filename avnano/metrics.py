@@ -58,10 +58,16 @@ def match(pred, gt):
     return pairs
 
 
+def closest(pred, g):
+    """The predicted event of g's type closest in time to g within the match window, or None."""
+    near = [(score, p) for p in pred if p["type"] == g["type"] for ok, score in [time_match(p, g)] if ok]
+    return max(near, key=lambda x: x[0])[1] if near else None
+
+
 def named_right(pred, g):
     """Does the predicted event of g's type closest in time to g (within the match window) name g's colour and shape?"""
-    near = [(score, p) for p in pred if p["type"] == g["type"] for ok, score in [time_match(p, g)] if ok]
-    return bool(near) and all(max(near, key=lambda x: x[0])[1].get(k) == g[k] for k in ("colour", "shape"))
+    p = closest(pred, g)
+    return p is not None and all(p.get(k) == g[k] for k in ("colour", "shape"))
 
 
 def lcs(a, b):

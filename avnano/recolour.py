@@ -24,7 +24,7 @@ def recolour_frames(frames, perm, tol=48.0, floor=6):
     that lies on a line from the background to a palette colour k, a * k + (1 - a) * background (within distance tol),
     moved by a * (COLOURS[perm[k]] - k): whole objects and the edges H.264 blended with the background. Pixels within
     floor of the background are left alone and not computed (97 % of a toy frame: 7x less work)."""
-    palette = torch.tensor([RGB[c] for c in COLOURS], dtype=torch.float32) - BACKGROUND
+    palette = torch.tensor([RGB[c] for c in COLOURS], dtype=torch.float32, device=frames.device) - BACKGROUND
     lit = (frames.to(torch.int16) - BACKGROUND).abs().amax(-1) > floor
     f = frames[lit].float() - BACKGROUND                                # (pixels, 3)
     fp, pp = f @ palette.T, palette.pow(2).sum(-1)

@@ -19,7 +19,7 @@ sounds keep their pitch and words are never time-stretched.
 import json
 import os
 from dataclasses import replace
-import multiprocessing
+from multiprocessing import Pool
 
 import numpy as np
 
@@ -208,7 +208,7 @@ def build(root, n_train=2000, n_test=200, seed=0, pu_fraction=0.1, workers=2, pr
     jobs = {"train": [(root, i, seed * 1_000_003 + i, "train", i < int(n_train * pu_fraction)) for i in range(n_train)],
             "test": [(root, i, seed * 1_000_003 + 10_000_000 + i, "test", False) for i in range(n_test)]}
     from tqdm import tqdm
-    with multiprocessing.Pool(workers) as pool:
+    with Pool(workers) as pool:
         for split, js in jobs.items():
             rows = list(tqdm(pool.imap(write_one, js, chunksize=8), total=len(js), desc=f"toy world {split}",
                              disable=not progress))

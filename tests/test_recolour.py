@@ -39,6 +39,7 @@ def test_recolour_row_and_items():
     assert recoloured(items, 0.0, random.Random(0)) == items
     a, b = recoloured(items, 1.0, random.Random(0)), recoloured(items, 1.0, random.Random(0))
     assert all(x[0] == y[0] and torch.equal(x[1], y[1]) for x, y in zip(a, b))  # the rng decides, nothing else
+    assert len({r["caption"] for r, *_ in a}) > 1  # the clips drew different permutations
     for r, f, *_ in a:  # each clip: its caption names the colour its red square now has
         colour = next(c for c, rgb in RGB.items() if f[0, 5, 5].tolist() == list(rgb))
         assert r["caption"].startswith(f"a {colour} circle")

@@ -12,7 +12,7 @@
    three shape words teacher-forced after the true colour word and after each colour word in turn (probabilities
    averaged), and the colour and shape read off the visual tokens of the object's span by the output head.
 5. How the held-out visual and AV events fail in free captions: for each, the predicted event of its type closest in
-   time within the match window (as metrics.named_right picks it): none, colour wrong, shape wrong, both, or right,
+   time within the match window (metrics.closest, as named_right picks it): none, colour wrong, shape wrong, both, or right,
    counted apart for objects alone in their clip and objects with others.
 """
 import argparse
@@ -30,7 +30,7 @@ from avnano.data import ClipStore, read_splits  # noqa: E402
 from avnano.checkpoint import load_model  # noqa: E402
 from avnano.errors import run_main  # noqa: E402
 from avnano.evaluate import eval_split  # noqa: E402
-from avnano.metrics import time_match  # noqa: E402
+from avnano.metrics import closest  # noqa: E402
 from avnano.grammar import COLOURS, SHAPES, SOUNDS, WORDS, parse  # noqa: E402
 from avnano.grounding import spans  # noqa: E402
 from avnano.interleave import VISUAL  # noqa: E402
@@ -162,8 +162,7 @@ def failure_kinds(model, store):
     for row, text in zip(store.rows, texts):
         pred, objects = parse(text), [g for g in row["events"] if g["type"] in ("visual", "av")]
         for g in objects:
-            near = [(score, p) for p in pred if p["type"] == g["type"] for ok, score in [time_match(p, g)] if ok]
-            p = max(near, key=lambda x: x[0])[1] if near else None
+            p = closest(pred, g)
             wrong = p and [k for k in ("colour", "shape") if p.get(k) != g[k]]
             kinds["alone" if len(objects) == 1 else "with others", "none" if p is None else " and ".join(wrong) or "right"] += 1
     for (where, kind), n in sorted(kinds.items()):
